@@ -1,0 +1,391 @@
+"""Typed configuration for every stage, loaded from YAML, presets and ``key=value`` overrides.
+
+Each stage has one dataclass; :class:`PipelineConfig` holds them all. Every problem in a
+config is collected and reported together (:class:`ConfigError`), before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more invalid config values; ``problems`` lists each by its dotted key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _check(problems: list[str], ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        problems.append(f"{key}: {msg}")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are prepared."""
+
+    source: str = "synthetic"
+    """``synthetic`` (built-in CelebA-like faces), a local CelebA-format folder, or ``s3://bucket/prefix``."""
+    n_images: int = 20_000
+    """Number of images to draw when ``source`` is ``synthetic``."""
+    image_size: int = 64
+    """Square side after centre crop and resize (CelebA 218x178 becomes 178x178 at 178)."""
+    label_noise: float = 0.02
+    """Synthetic only: fraction of observed labels flipped, imitating CelebA's ambiguous labels."""
+    drop_labels: list[str] = field(default_factory=lambda: ["Wearing_Necklace", "Wearing_Necktie"])
+    """Attributes removed where present (the paper drops these two: L=38 on CelebA)."""
+    test_fraction: float = 0.05
+    """Test share of the seeded split used when the folder has no list_eval_partition.txt."""
+    max_images: int = 0
+    """Read only the first N rows of the attribute file (0: all). For quick trials on big folders."""
+
+    def validate(self, p: list[str], pre: str = "data") -> None:
+        _check(p, self.n_images >= 8, f"{pre}.n_images", f"expected an integer >= 8, got {self.n_images!r}")
+        _check(p, 16 <= self.image_size <= 512, f"{pre}.image_size", f"expected 16..512, got {self.image_size!r}")
+        _check(p, 0.0 <= self.label_noise < 0.5, f"{pre}.label_noise", f"expected 0 <= x < 0.5, got {self.label_noise!r}")
+        _check(p, 0.0 < self.test_fraction < 0.5, f"{pre}.test_fraction", f"expected 0 < x < 0.5, got {self.test_fraction!r}")
+        _check(p, self.max_images >= 0, f"{pre}.max_images", f"expected >= 0, got {self.max_images!r}")
+
+
+@dataclass
+class ClassifierConfig:
+    """The multi-label CNN whose probabilities label the Siamese pairs."""
+
+    epochs: int = 4
+    """Passes over the training split."""
+    batch_size: int = 128
+    """Images per step per worker."""
+    lr: float = 2e-3
+    """AdamW learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    width: int = 32
+    """Channels of the first conv stage; later stages double it."""
+
+    def validate(self, p: list[str], pre: str = "classifier") -> None:
+        _check(p, self.epochs >= 1, f"{pre}.epochs", f"expected >= 1, got {self.epochs!r}")
+        _check(p, self.batch_size >= 2, f"{pre}.batch_size", f"expected >= 2, got {self.batch_size!r}")
+        _check(p, self.lr > 0, f"{pre}.lr", f"expected > 0, got {self.lr!r}")
+        _check(p, self.weight_decay >= 0, f"{pre}.weight_decay", f"expected >= 0, got {self.weight_decay!r}")
+        _check(p, self.width >= 4, f"{pre}.width", f"expected >= 4, got {self.width!r}")
+
+
+@dataclass
+class SiameseConfig:
+    """The Siamese embedding network and the occluded-pair targets it learns from."""
+
+    k: int = 32
+    """Embedding size per label (the paper uses 32)."""
+    epochs: int = 6
+    """Epochs; each draws fresh random pairs and fresh occlusions."""
+    batch_size: int = 64
+    """Pairs per step per worker."""
+    lr: float = 2e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    width: int = 32
+    """Channels of the first trunk stage."""
+    target: Literal["occlusion", "temperature"] = "occlusion"
+    """How the classifier's output is softened: random occlusion (the paper's choice) or temperature."""
+    temperature: float = 2.0
+    """Temperature for ``target: temperature``: sigmoid(logit / T)."""
+    occlusion_min: float = 0.33
+    """Smallest occlusion side as a fraction of the image side."""
+    occlusion_max: float = 0.66
+    """Largest occlusion side as a fraction of the image side."""
+    occlusion_fill: Literal["zero", "mean", "noise"] = "zero"
+    """What the occluded rectangle is filled with."""
+    val_pairs: int = 1024
+    """Held-out pairs (from the validation split) for val loss and dot-product R^2."""
+    labeler_batch_size: int = 256
+    """Pairs per batch in the Ray Data labelling actors."""
+
+    def validate(self, p: list[str], pre: str = "siamese") -> None:
+        _check(p, self.k >= 1, f"{pre}.k", f"expected >= 1, got {self.k!r}")
+        _check(p, self.epochs >= 1, f"{pre}.epochs", f"expected >= 1, got {self.epochs!r}")
+        _check(p, self.batch_size >= 2, f"{pre}.batch_size", f"expected >= 2, got {self.batch_size!r}")
+        _check(p, self.lr > 0, f"{pre}.lr", f"expected > 0, got {self.lr!r}")
+        _check(p, self.width >= 4, f"{pre}.width", f"expected >= 4, got {self.width!r}")
+        _check(p, self.temperature > 0, f"{pre}.temperature", f"expected > 0, got {self.temperature!r}")
+        _check(p, 0 < self.occlusion_min <= self.occlusion_max <= 1, f"{pre}.occlusion_min/occlusion_max",
+               f"expected 0 < min <= max <= 1, got {self.occlusion_min!r}, {self.occlusion_max!r}")
+        _check(p, self.val_pairs >= 8, f"{pre}.val_pairs", f"expected >= 8, got {self.val_pairs!r}")
+        _check(p, self.labeler_batch_size >= 1, f"{pre}.labeler_batch_size", f"expected >= 1, got {self.labeler_batch_size!r}")
+
+
+@dataclass
+class EmbedConfig:
+    """Batch embedding of every image with Ray Data."""
+
+    batch_size: int = 256
+    """Images per inference batch."""
+    num_actors: int = 0
+    """Inference actors (0: sized from the cluster's free CPUs/GPUs)."""
+    rows_per_file: int = 50_000
+    """Upper bound on rows per Parquet file."""
+
+    def validate(self, p: list[str], pre: str = "embed") -> None:
+        _check(p, self.batch_size >= 1, f"{pre}.batch_size", f"expected >= 1, got {self.batch_size!r}")
+        _check(p, self.num_actors >= 0, f"{pre}.num_actors", f"expected >= 0, got {self.num_actors!r}")
+        _check(p, self.rows_per_file >= 1, f"{pre}.rows_per_file", f"expected >= 1, got {self.rows_per_file!r}")
+
+
+@dataclass
+class DecoderConfig:
+    """Reconstruction model after the paper's Table 1, trained on the embeddings."""
+
+    epochs: int = 8
+    """Passes over the training embeddings."""
+    batch_size: int = 64
+    """Embeddings per step per worker."""
+    lr: float = 1e-4
+    """Learning rate (paper: 1e-4)."""
+    optimizer: Literal["rmsprop", "adam"] = "rmsprop"
+    """Optimizer (paper: RMSProp)."""
+    alpha: float = 0.5
+    """Loss weight: alpha*(1-SSIM) + (1-alpha)*MSE(x, minmax(out)) (paper: 0.5)."""
+    width: int = 512
+    """Channels of the first reshaped map (paper: 6x6x512 at 178)."""
+
+    def validate(self, p: list[str], pre: str = "decoder") -> None:
+        _check(p, self.epochs >= 1, f"{pre}.epochs", f"expected >= 1, got {self.epochs!r}")
+        _check(p, self.batch_size >= 2, f"{pre}.batch_size", f"expected >= 2, got {self.batch_size!r}")
+        _check(p, self.lr > 0, f"{pre}.lr", f"expected > 0, got {self.lr!r}")
+        _check(p, 0 <= self.alpha <= 1, f"{pre}.alpha", f"expected 0..1, got {self.alpha!r}")
+        _check(p, self.width >= 8, f"{pre}.width", f"expected >= 8, got {self.width!r}")
+
+
+@dataclass
+class AnalysisConfig:
+    """The paper's experiments on the committed embeddings."""
+
+    pca_label: str = "Mouth_Slightly_Open"
+    """Label whose vectors are analysed with PCA (paper: Mouth_Slightly_Open)."""
+    probe_epochs: int = 200
+    """Full-batch epochs of the linear probe."""
+    edit_images: int = 64
+    """Test images edited per label for the editing metrics."""
+    edit_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
+    """Scales s of the sampled block in the editing sweep."""
+    disentangle_faces: int = 256
+    """Synthetic only: faces redrawn with one attribute flipped, per run."""
+
+    def validate(self, p: list[str], pre: str = "analysis") -> None:
+        _check(p, self.probe_epochs >= 1, f"{pre}.probe_epochs", f"expected >= 1, got {self.probe_epochs!r}")
+        _check(p, self.edit_images >= 1, f"{pre}.edit_images", f"expected >= 1, got {self.edit_images!r}")
+        _check(p, len(self.edit_scales) >= 1 and all(s > 0 for s in self.edit_scales), f"{pre}.edit_scales",
+               f"expected a non-empty list of positive numbers, got {self.edit_scales!r}")
+        _check(p, self.disentangle_faces >= 0, f"{pre}.disentangle_faces", f"expected >= 0, got {self.disentangle_faces!r}")
+
+
+STAGES = ("data", "classifier", "siamese", "embed", "decoder", "analysis")
+
+
+@dataclass
+class PipelineConfig:
+    """Everything one run needs. Written to ``<run>/config.yaml``."""
+
+    seed: int = 0
+    """Seed for splits, pairs, occlusions and initialisation."""
+    num_workers: int = 2
+    """Ray Train workers per training stage (0: run the loop in the driver process)."""
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    """Train and embed on GPUs: auto uses them when the cluster has any."""
+    max_failures: int = 1
+    """Worker failures each training stage recovers from (from its last checkpoint)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    siamese: SiameseConfig = field(default_factory=SiameseConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    def validate(self) -> None:
+        p: list[str] = []
+        _check(p, self.num_workers >= 0, "num_workers", f"expected >= 0, got {self.num_workers!r}")
+        _check(p, self.max_failures >= -1, "max_failures", f"expected >= -1, got {self.max_failures!r}")
+        for name in ("data", "classifier", "siamese", "embed", "decoder", "analysis"):
+            getattr(self, name).validate(p)
+        _check_literals(self, "", p)
+        if p:
+            raise ConfigError(p)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_literals(obj: Any, prefix: str, p: list[str]) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_literals(value, f"{prefix}{f.name}.", p)
+        elif typing.get_origin(hints[f.name]) is Literal:
+            allowed = typing.get_args(hints[f.name])
+            _check(p, value in allowed, f"{prefix}{f.name}", f"expected one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tiny: what CI runs end to end; minutes on 2 CPU cores.
+    "smoke": {
+        "num_workers": 2,
+        "data": {"n_images": 600, "image_size": 32},
+        "classifier": {"epochs": 2, "batch_size": 64, "width": 8},
+        "siamese": {"epochs": 2, "batch_size": 32, "width": 8, "k": 8, "val_pairs": 64},
+        "decoder": {"epochs": 2, "batch_size": 32, "width": 32},
+        "analysis": {"probe_epochs": 50, "edit_images": 16, "disentangle_faces": 32},
+    },
+    # The default: synthetic 64x64, 20,000 images, good on every metric within 20 minutes on 2 cores.
+    "demo": {},
+    # The paper's setting: CelebA 178x178, L=38, k=32, GPU workers.
+    "paper": {
+        "num_workers": 4,
+        "use_gpu": "true",
+        "data": {"source": "s3://YOUR-BUCKET/celeba", "image_size": 178, "label_noise": 0.0},
+        "classifier": {"epochs": 15, "batch_size": 128, "width": 64},
+        "siamese": {"epochs": 30, "batch_size": 64, "width": 64, "k": 32},
+        "decoder": {"epochs": 50, "batch_size": 64, "lr": 1e-4, "optimizer": "rmsprop", "alpha": 0.5},
+        "embed": {"batch_size": 512},
+    },
+}
+
+
+def _coerce(value: Any, hint: Any, key: str, p: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return str(value).lower() if isinstance(value, bool) else value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        p.append(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            p.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            p.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            p.append(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            p.append(f"{key}: expected a list, got {value!r}")
+            return value
+        (inner,) = typing.get_args(hint)
+        return [_coerce(v, inner, f"{key}[{i}]", p) for i, v in enumerate(value)]
+    return value
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str, p: list[str]) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            p.append(f"{full}: unknown key (valid: {', '.join(sorted(names))})")
+            continue
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                p.append(f"{full}: expected a mapping, got {value!r}")
+                continue
+            _apply(current, value, f"{full}.", p)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full, p))
+
+
+def parse_overrides(items: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Turn ``a.b=value`` strings into a nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    problems: list[str] = []
+    for item in items:
+        if "=" not in item:
+            problems.append(f"{item}: expected key=value")
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"{key}: conflicts with another override")
+                break
+        else:
+            node[parts[-1]] = value
+    return nested, problems
+
+
+def build_config(
+    preset: str | None = "demo",
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> PipelineConfig:
+    """Preset, then YAML file, then ``extra`` (CLI flags), then ``key=value`` overrides; validated.
+
+    Raises:
+        ConfigError: listing every unknown key and invalid value at once.
+    """
+    cfg = PipelineConfig()
+    problems: list[str] = []
+    if preset is not None:
+        if preset not in PRESETS:
+            problems.append(f"--preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
+        else:
+            _apply(cfg, PRESETS[preset], "", problems)
+    if config_file:
+        try:
+            with open(config_file) as f:
+                loaded = yaml.safe_load(f) or {}
+        except OSError as exc:
+            raise ConfigError([f"--config: cannot read {config_file}: {exc.strerror}"]) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"--config: {config_file} is not valid YAML: {exc}"]) from exc
+        if not isinstance(loaded, dict):
+            problems.append(f"--config: {config_file} must hold a mapping at the top level")
+        else:
+            _apply(cfg, loaded, "", problems)
+    if extra:
+        _apply(cfg, extra, "", problems)
+    if overrides:
+        nested, parse_problems = parse_overrides(overrides)
+        problems += parse_problems
+        _apply(cfg, nested, "", problems)
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def from_dict(d: dict[str, Any]) -> PipelineConfig:
+    """Rebuild a config saved with :func:`to_yaml` (used on resume)."""
+    cfg = PipelineConfig()
+    problems: list[str] = []
+    _apply(cfg, d, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -1,0 +1,239 @@
+"""Read a dataset in CelebA's on-disk format, from a local folder or ``s3://``, into Ray Data.
+
+The format (``list_attr_celeba.txt`` header naming the attributes, ``img_align_celeba/*.jpg``,
+optional ``list_eval_partition.txt``) is all that is assumed: any multi-label image dataset
+written this way works, whatever its labels or image size.
+
+Bad input policy:
+- a malformed attribute or partition file fails at once, naming the file and line;
+- a missing or undecodable image never stops the job: its row carries an ``error`` reason
+  and the pipeline records it in the run's ``errors/`` table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from olr_ray import storage
+
+ATTR_FILE = "list_attr_celeba.txt"
+PARTITION_FILE = "list_eval_partition.txt"
+IMAGE_DIR = "img_align_celeba"
+SPLIT_NAMES = {0: "train", 1: "valid", 2: "test"}
+
+
+class DatasetFormatError(ValueError):
+    """The dataset's text files are not in CelebA's format; the message names file and line."""
+
+
+@dataclass
+class AttributeTable:
+    """Parsed ``list_attr_celeba.txt``: names from the header, labels as 0/1."""
+
+    label_names: list[str]
+    image_ids: list[str]
+    labels: np.ndarray  # (N, L) int8 0/1
+
+
+def parse_attr_file(text: str, source: str = ATTR_FILE, max_rows: int = 0) -> AttributeTable:
+    """Parse CelebA's attribute file strictly.
+
+    Args:
+        text: file contents.
+        source: the file's name or URI, used in error messages.
+        max_rows: stop after this many image rows (0: all).
+
+    Raises:
+        DatasetFormatError: naming the line of the first problem found.
+    """
+    lines = text.splitlines()
+    if len(lines) < 2:
+        raise DatasetFormatError(f"{source}: expected a count line and a header line, found {len(lines)} line(s)")
+    try:
+        declared = int(lines[0].strip())
+    except ValueError:
+        raise DatasetFormatError(f"{source}:1: expected the number of images, got {lines[0].strip()[:60]!r}") from None
+    names = lines[1].split()
+    if not names:
+        raise DatasetFormatError(f"{source}:2: expected attribute names in the header, found none")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DatasetFormatError(f"{source}:2: duplicate attribute name {name!r} in the header")
+        seen.add(name)
+    n_labels = len(names)
+    rows = [(i + 3, ln) for i, ln in enumerate(lines[2:]) if ln.strip()]
+    if len(rows) != declared:
+        raise DatasetFormatError(f"{source}:1: header says {declared} images but the file has {len(rows)} rows")
+    if max_rows:
+        rows = rows[:max_rows]
+    ids: list[str] = []
+    labels = np.empty((len(rows), n_labels), dtype=np.int8)
+    seen_ids: set[str] = set()
+    for r, (lineno, line) in enumerate(rows):
+        parts = line.split()
+        if len(parts) != n_labels + 1:
+            raise DatasetFormatError(
+                f"{source}:{lineno}: expected an image name and {n_labels} values (header has {n_labels} names), "
+                f"got {len(parts) - 1} values"
+            )
+        image_id = parts[0]
+        if image_id in seen_ids:
+            raise DatasetFormatError(f"{source}:{lineno}: duplicate image name {image_id!r}")
+        seen_ids.add(image_id)
+        for j, v in enumerate(parts[1:]):
+            if v == "1":
+                labels[r, j] = 1
+            elif v == "-1":
+                labels[r, j] = 0
+            else:
+                raise DatasetFormatError(f"{source}:{lineno}: value for {names[j]!r} must be 1 or -1, got {v!r}")
+        ids.append(image_id)
+    return AttributeTable(names, ids, labels)
+
+
+def parse_partition_file(text: str, source: str = PARTITION_FILE) -> dict[str, str]:
+    """Parse ``list_eval_partition.txt`` (``name 0|1|2``) into image_id -> train|valid|test."""
+    out: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+            raise DatasetFormatError(f"{source}:{lineno}: expected '<image name> 0|1|2', got {line.strip()[:80]!r}")
+        out[parts[0]] = SPLIT_NAMES[int(parts[1])]
+    return out
+
+
+def seeded_split(image_ids: list[str], seed: int, test_fraction: float) -> list[str]:
+    """The 95/5-style random split, stable per image: a hash of (seed, image_id), not of the order."""
+    out = []
+    for image_id in image_ids:
+        h = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
+        u = int.from_bytes(h, "little") / 2**64
+        out.append("test" if u < test_fraction else "train")
+    return out
+
+
+def select_labels(names: list[str], drop: list[str]) -> list[int]:
+    """Indices of the labels kept after removing ``drop`` (names absent from the file are ignored)."""
+    dropped = set(drop)
+    return [i for i, n in enumerate(names) if n not in dropped]
+
+
+def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: float = 0.05,
+               max_images: int = 0) -> tuple[pa.Table, list[str]]:
+    """Read the text files of a CelebA-format folder into a table of (image_id, path, labels, split).
+
+    Returns:
+        The index table and the kept label names.
+    """
+    attr_uri = storage.join(uri, ATTR_FILE)
+    if not storage.exists(attr_uri):
+        raise DatasetFormatError(f"{attr_uri}: not found; a CelebA-format folder needs {ATTR_FILE} and {IMAGE_DIR}/")
+    table = parse_attr_file(storage.read_bytes(attr_uri).decode("utf-8", errors="replace"), attr_uri, max_images)
+    keep = select_labels(table.label_names, drop_labels)
+    if not keep:
+        raise DatasetFormatError(f"{attr_uri}: no labels left after dropping {drop_labels}")
+    names = [table.label_names[i] for i in keep]
+    labels = table.labels[:, keep]
+    part_uri = storage.join(uri, PARTITION_FILE)
+    if storage.exists(part_uri):
+        partition = parse_partition_file(storage.read_bytes(part_uri).decode(), part_uri)
+        missing = [i for i in table.image_ids if i not in partition]
+        if missing:
+            raise DatasetFormatError(
+                f"{part_uri}: {len(missing)} image(s) of {ATTR_FILE} have no split, e.g. {missing[0]!r}")
+        splits = [partition[i] for i in table.image_ids]
+    else:
+        splits = seeded_split(table.image_ids, seed, test_fraction)
+    index = pa.table({
+        "image_id": pa.array(table.image_ids, pa.string()),
+        "path": pa.array([storage.join(uri, IMAGE_DIR, i) for i in table.image_ids], pa.string()),
+        "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels.reshape(-1), pa.int8()), len(names)),
+        "split": pa.array(splits, pa.string()),
+    })
+    return index, names
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Decode, centre-crop to a square and resize to ``size`` x ``size`` RGB uint8."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        box = (left, top, left + side, top + side)
+        if side == size:
+            img = img.crop(box)
+        else:
+            img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Ray Data batch function: read each file through pyarrow and decode it, recording failures.
+
+    A missing or undecodable file becomes an ``error`` reason on its row; a storage failure
+    that is not about the file itself (access denied, endpoint down) is raised, naming the URI.
+    """
+    paths = [str(p) for p in batch["path"]]
+    n = len(paths)
+    images = np.zeros((n, size, size, 3), dtype=np.uint8)
+    errors = np.full(n, "", dtype=object)
+    fs = storage.resolve(paths[0])[0] if n else None
+    for i, uri in enumerate(paths):
+        path = storage.resolve(uri)[1] if not storage.is_s3(uri) else uri.split("://", 1)[1]
+        try:
+            with fs.open_input_stream(path) as f:
+                data = f.read()
+        except FileNotFoundError:
+            errors[i] = "missing file"
+            continue
+        except OSError as exc:
+            if "not found" in str(exc).lower() or "no such file" in str(exc).lower():
+                errors[i] = "missing file"
+                continue
+            raise storage.StorageError(storage.redact(f"read {uri} failed: {exc}")) from exc
+        try:
+            images[i] = decode_image(data, size)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
+            errors[i] = f"undecodable image: {type(exc).__name__}: {str(exc)[:200]}"
+    labels = batch["labels"]
+    if labels.dtype == object:
+        labels = np.stack(labels)
+    return {
+        "image_id": batch["image_id"],
+        "split": batch["split"],
+        "labels": labels.astype(np.int8),
+        "image": images,
+        "error": errors.astype(str),
+    }
+
+
+def read_celeba(uri: str, image_size: int = 64, drop_labels: list[str] | None = None, seed: int = 0,
+                test_fraction: float = 0.05, max_images: int = 0, batch_size: int = 64):
+    """Open a CelebA-format folder (local or ``s3://``) as a Ray Dataset.
+
+    Columns: ``image_id`` (file name), ``split`` (train|valid|test), ``labels`` (L int8 0/1),
+    ``image`` (uint8 HxWx3, zeros where unreadable) and ``error`` ("" when the image was read,
+    else the reason).
+
+    Returns:
+        (dataset, label_names, number of rows)
+    """
+    import ray
+
+    drop = ["Wearing_Necklace", "Wearing_Necktie"] if drop_labels is None else drop_labels
+    index, names = load_index(uri, drop, seed, test_fraction, max_images)
+    n_blocks = max(1, min(200, index.num_rows // 256))
+    ds = ray.data.from_arrow(index).repartition(n_blocks)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"size": image_size}, batch_size=batch_size, batch_format="numpy")
+    return ds, names, index.num_rows

@@ -1,0 +1,83 @@
+"""Joining or starting Ray, sizing work from the cluster's resources, seeding."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger("olr_ray")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in ``RAY_ADDRESS`` (or the one ``ray job submit`` runs under); else start one here.
+
+    A local Ray binds its dashboard to 127.0.0.1 and keeps Ray's token authentication on.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
+    log.info("ray: %s CPUs, %s GPUs", ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
+
+
+@dataclass
+class ResourcePlan:
+    """How a stage splits the cluster between Ray Train workers and Ray Data tasks/actors."""
+
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    threads_per_worker: int
+    data_cpus: float
+    """CPUs left for Ray Data while training runs."""
+    task_cpus: float
+    """CPUs requested by each Ray Data task and actor (fractional on small machines)."""
+    actors: int
+    """Size of inference actor pools."""
+
+
+def plan_resources(num_workers: int, use_gpu: str | bool = "auto") -> ResourcePlan:
+    """Size training workers and data actors from what the cluster has.
+
+    On a 2-CPU machine an actor pool or a trainer that takes every CPU starves Ray Data's
+    read tasks and the job hangs; so training never takes more than ~3/4 of the CPUs and
+    Ray Data's tasks ask for fractional CPUs there.
+    """
+    import ray
+
+    res = ray.cluster_resources()
+    cpus = float(res.get("CPU", os.cpu_count() or 1))
+    gpus = float(res.get("GPU", 0))
+    gpu = (gpus >= 1) if use_gpu == "auto" else (use_gpu in (True, "true"))
+    if gpu and gpus < max(1, num_workers):
+        raise RuntimeError(f"use_gpu=true needs {max(1, num_workers)} GPU(s); the cluster has {gpus:g}")
+    reserve = max(0.5, cpus * 0.25)
+    if num_workers == 0:
+        per_worker, threads = 0.0, max(1, int(cpus))
+    else:
+        per_worker = max(0.25, min(8.0, (cpus - reserve) / num_workers))
+        threads = max(1, int(round(cpus / num_workers))) if cpus <= 4 else max(1, int(per_worker))
+    data_cpus = cpus - per_worker * num_workers
+    task_cpus = 0.25 if cpus <= 8 else 1.0
+    actors = max(1, min(8, int(data_cpus / max(task_cpus, 0.5))))
+    return ResourcePlan(num_workers, gpu, per_worker, threads, data_cpus, task_cpus, actors)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch; each rank gets its own stream."""
+    import torch
+
+    s = (seed * 1_000_003 + rank) % 2**31
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)

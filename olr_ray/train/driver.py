@@ -1,0 +1,77 @@
+"""Driver side of training: build a ``TorchTrainer`` for a task and run it to completion.
+
+DDP over gloo on CPU and NCCL on GPU comes from Ray Train's ``TorchConfig`` default, so the
+same code runs on a laptop and a GPU cluster. Checkpoints go to ``<run>/checkpoints/<stage>``
+(local or S3); a re-run with the same run id, or a worker failure, resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from olr_ray import storage
+from olr_ray.runtime import ResourcePlan
+from olr_ray.train.loop import CHECKPOINT_FILE, train_func
+
+log = logging.getLogger("olr_ray.train")
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, Any]
+    checkpoint_uri: str
+    """URI of the final ``checkpoint.pt`` (model weights with constructor args)."""
+    history: list[dict[str, Any]]
+
+
+def fit(task, datasets: dict[str, Any], plan: ResourcePlan, checkpoints_uri: str, max_failures: int = 1,
+        split: list[str] | None = None) -> FitResult:
+    """Train ``task`` with Ray Train and return its final metrics and checkpoint.
+
+    Args:
+        task: a task from :mod:`olr_ray.train.tasks`.
+        datasets: Ray Datasets by name; those in ``split`` are sharded across workers, the
+            others are read whole by rank 0 for validation.
+        plan: workers, CPUs and GPU use.
+        checkpoints_uri: ``<run>/checkpoints`` (local path or ``s3://``).
+        max_failures: worker failures to recover from (from the last checkpoint).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    fs, path = storage.resolve(checkpoints_uri)
+    if not storage.is_s3(checkpoints_uri):
+        os.makedirs(path, exist_ok=True)
+    resources = {"CPU": plan.cpus_per_worker} if plan.num_workers else None
+    if plan.use_gpu and resources is not None:
+        resources["GPU"] = 1
+    scaling = ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
+                                      resources_per_worker=resources)
+    run_config = ray.train.RunConfig(
+        name=task.name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+    )
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"task": task},
+        scaling_config=scaling,
+        run_config=run_config,
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=split or ["train"]),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError(f"{task.name}: training finished without a checkpoint under {checkpoints_uri}")
+    ckpt_uri = storage.join(("s3://" + ckpt.path) if storage.is_s3(checkpoints_uri) else ckpt.path, CHECKPOINT_FILE)
+    metrics = dict(result.metrics or {})
+    history = metrics.pop("history", None) or []
+    return FitResult(metrics, ckpt_uri, history)

@@ -1,0 +1,137 @@
+"""Occluded pairs and their joint-probability targets, computed on Ray Data.
+
+Every epoch draws fresh random pairs (a seeded global shuffle, then neighbours are paired)
+and fresh occlusions, both deterministic from (seed, epoch, image uid). The trained
+classifier runs in an actor pool and labels each pair with p(a) * p(b), element-wise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+OCCLUSION_SALT = 0x0C1
+
+
+def occlusion_rects(seed: int, epoch: int, uids: np.ndarray, height: int, width: int,
+                    lo: float = 0.33, hi: float = 0.66) -> np.ndarray:
+    """One rectangle per image: (top, left, h, w), sides uniform in [lo, hi] of the image's.
+
+    Deterministic from (seed, epoch, uid): the same image gets the same rectangle in the
+    same epoch whatever batch it lands in.
+    """
+    out = np.empty((len(uids), 4), dtype=np.int32)
+    for i, uid in enumerate(np.asarray(uids, dtype=np.int64)):
+        rng = np.random.default_rng([OCCLUSION_SALT, seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, int(uid)])
+        fh, fw, ft, fl = rng.random(4)
+        h = min(height, max(1, int(round((lo + (hi - lo) * fh) * height))))
+        w = min(width, max(1, int(round((lo + (hi - lo) * fw) * width))))
+        top = int(ft * (height - h + 1))
+        left = int(fl * (width - w + 1))
+        out[i] = (min(top, height - h), min(left, width - w), h, w)
+    return out
+
+
+def apply_occlusion(images: np.ndarray, rects: np.ndarray, fill: str = "zero", seed: int = 0) -> np.ndarray:
+    """Copy of ``images`` (N, H, W, 3 uint8) with each rectangle filled.
+
+    fill: ``zero`` (black), ``mean`` (the image's mean colour) or ``noise`` (uniform noise,
+    seeded).
+    """
+    out = images.copy()
+    rng = np.random.default_rng(seed)
+    for i, (t, l, h, w) in enumerate(rects):
+        if fill == "zero":
+            out[i, t:t + h, l:l + w] = 0
+        elif fill == "mean":
+            out[i, t:t + h, l:l + w] = images[i].reshape(-1, 3).mean(0).astype(np.uint8)
+        elif fill == "noise":
+            out[i, t:t + h, l:l + w] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        else:
+            raise ValueError(f"occlusion fill must be zero, mean or noise, got {fill!r}")
+    return out
+
+
+def joint_target(p_a: np.ndarray, p_b: np.ndarray) -> np.ndarray:
+    """The joint probability of each label over the pair: element-wise product."""
+    return (p_a * p_b).astype(np.float32)
+
+
+def shuffle_seed(seed: int, epoch: int) -> int:
+    return (seed * 7919 + epoch * 104_729 + 17) % 2**31
+
+
+class PairLabeler:
+    """Ray Data actor: pairs neighbouring rows, occludes both images, labels with the classifier.
+
+    Loads the classifier once per actor. Input rows: ``uid``, ``image``, ``labels``; output
+    rows are pairs: ``image_a``, ``image_b`` (as fed to the Siamese), ``target`` (L float32),
+    ``labels_a``, ``labels_b``, ``uid_a``, ``uid_b``.
+    """
+
+    def __init__(self, classifier_uri: str, seed: int, epoch: int, target: str = "occlusion",
+                 temperature: float = 2.0, lo: float = 0.33, hi: float = 0.66, fill: str = "zero",
+                 threads: int = 1, device: str = "cpu"):
+        import torch
+
+        from olr_ray.models import load_checkpoint
+
+        torch.set_num_threads(threads)
+        self.model, _ = load_checkpoint(classifier_uri)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.seed, self.epoch, self.target = seed, epoch, target
+        self.temperature, self.lo, self.hi, self.fill = temperature, lo, hi, fill
+
+    def probs(self, images: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(images).to(self.device))
+            return torch.sigmoid(logits / temperature).cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["uid"]) // 2 * 2
+        uids, images = batch["uid"][:n].astype(np.int64), batch["image"][:n]
+        labels = np.asarray(batch["labels"][:n]).astype(np.int8)
+        if self.target == "occlusion":
+            h, w = images.shape[1:3]
+            rects = occlusion_rects(self.seed, self.epoch, uids, h, w, self.lo, self.hi)
+            fed = apply_occlusion(images, rects, self.fill, seed=self.seed + self.epoch)
+            p = self.probs(fed)
+        else:  # temperature: un-occluded images, softened probabilities
+            fed = images
+            p = self.probs(fed, self.temperature)
+        a, b = slice(0, n, 2), slice(1, n, 2)
+        return {
+            "image_a": fed[a], "image_b": fed[b],
+            "target": joint_target(p[a], p[b]),
+            "labels_a": labels[a], "labels_b": labels[b],
+            "uid_a": uids[a], "uid_b": uids[b],
+        }
+
+
+def pair_dataset(base, classifier_uri: str, seed: int, epoch: int, cfg, plan, shuffle: bool = True):
+    """The lazy pair pipeline for one epoch: shuffle, pair, occlude, label; nothing is materialised.
+
+    Args:
+        base: Ray Dataset of the split's rows (``uid``, ``image``, ``labels``).
+        cfg: :class:`olr_ray.config.SiameseConfig`.
+        plan: :class:`olr_ray.runtime.ResourcePlan` sizing the actor pool.
+    """
+    import ray
+
+    ds = base.select_columns(["uid", "image", "labels"])
+    if shuffle:
+        ds = ds.random_shuffle(seed=shuffle_seed(seed, epoch))
+    return ds.map_batches(
+        PairLabeler,
+        fn_constructor_kwargs=dict(
+            classifier_uri=classifier_uri, seed=seed, epoch=epoch, target=cfg.target,
+            temperature=cfg.temperature, lo=cfg.occlusion_min, hi=cfg.occlusion_max,
+            fill=cfg.occlusion_fill, threads=1,
+        ),
+        batch_size=2 * cfg.labeler_batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
+        num_cpus=plan.task_cpus,
+        batch_format="numpy",
+    )

@@ -1,0 +1,176 @@
+"""The three trainable stages as small task objects: model, optimizer, loss, validation.
+
+Tasks are plain picklable objects sent to every Ray Train worker; they read their data
+through ``ray.train.get_dataset_shard`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from olr_ray.models import Decoder, create_model
+from olr_ray.models.nets import crop_to, pair_dots
+
+
+@dataclass
+class BaseTask:
+    name: str
+    model_name: str
+    model_args: dict[str, Any]
+    label_names: list[str]
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    seed: int = 0
+    threads: int = 1
+    shuffle_buffer: int | None = 1024
+    optimizer: str = "adamw"
+
+    def build_model(self) -> torch.nn.Module:
+        return create_model(self.model_name, **self.model_args)
+
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        if self.optimizer == "rmsprop":
+            return torch.optim.RMSprop(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "adam":
+            return torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def train_dataset(self, epoch: int) -> str:
+        return "train"
+
+    def eval_batches(self, name: str, device):
+        import ray.train
+
+        for batch in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=256):
+            yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@dataclass
+class ClassifierTask(BaseTask):
+    """Multi-label CNN trained with BCE on the observed labels."""
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(model(batch["image"]), batch["labels"].float())
+
+    def _evaluate(self, model, name: str, device) -> dict[str, Any]:
+        probs, labels = [], []
+        for batch in self.eval_batches(name, device):
+            probs.append(torch.sigmoid(model(batch["image"])).cpu())
+            labels.append(batch["labels"].cpu())
+        p, y = torch.cat(probs), torch.cat(labels).float()
+        acc = ((p >= 0.5).float() == y).float().mean(0)
+        majority = torch.maximum(y.mean(0), 1 - y.mean(0))
+        return {
+            "loss": float(F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), y)),
+            "mean_accuracy": float(acc.mean()),
+            "majority_baseline": float(majority.mean()),
+            "accuracy_per_label": {n: float(a) for n, a in zip(self.label_names, acc)},
+        }
+
+    def validate(self, model, device, final: bool) -> dict[str, Any]:
+        val = self._evaluate(model, "valid", device)
+        out = {"val_loss": val["loss"], "val_mean_accuracy": val["mean_accuracy"]}
+        if final:
+            test = self._evaluate(model, "test", device)
+            out.update({
+                "test_mean_accuracy": test["mean_accuracy"],
+                "test_mean_accuracy_per_label": test["accuracy_per_label"],
+                "majority_baseline": test["majority_baseline"],
+            })
+        return out
+
+
+@dataclass
+class SiameseTask(BaseTask):
+    """Siamese network: MSE between row-wise dot products <E1[l], E2[l]> and the joint probability."""
+
+    def train_dataset(self, epoch: int) -> str:
+        # One lazily built pair pipeline per epoch: fresh pairs and occlusions, seeded by the epoch.
+        return f"pairs_{epoch}"
+
+    def loss(self, model, batch) -> torch.Tensor:
+        n = batch["image_a"].shape[0]
+        # One forward over both images: DDP expects one forward per backward.
+        e = model(torch.cat([batch["image_a"], batch["image_b"]]))
+        return F.mse_loss(pair_dots(e[:n], e[n:]), batch["target"].float())
+
+    def validate(self, model, device, final: bool) -> dict[str, Any]:
+        dots, targets, norms, labels = [], [], [], []
+        for batch in self.eval_batches("valid", device):
+            n = batch["image_a"].shape[0]
+            e = model(torch.cat([batch["image_a"], batch["image_b"]]))
+            dots.append(pair_dots(e[:n], e[n:]).cpu())
+            targets.append(batch["target"].float().cpu())
+            norms.append(e.norm(dim=-1).cpu())
+            labels.append(torch.cat([batch["labels_a"], batch["labels_b"]]).cpu())
+        d, t = torch.cat(dots), torch.cat(targets)
+        mse = float(F.mse_loss(d, t))
+        r2 = 1.0 - float(((d - t) ** 2).sum() / ((t - t.mean()) ** 2).sum().clamp_min(1e-12))
+        return {"val_loss": mse, "val_dot_r2": r2,
+                "val_norm_ratio_present_absent": norm_ratio(torch.cat(norms).numpy(), torch.cat(labels).numpy())}
+
+
+def norm_ratio(norms: np.ndarray, labels: np.ndarray) -> float:
+    """Mean block norm where a label is present over where it is absent, averaged over labels.
+
+    Labels that are never (or always) present in ``labels`` are skipped.
+    """
+    ratios = []
+    for l in range(labels.shape[1]):
+        present, absent = labels[:, l] == 1, labels[:, l] == 0
+        if present.any() and absent.any():
+            ratios.append(norms[present, l].mean() / max(norms[absent, l].mean(), 1e-8))
+    return float(np.mean(ratios)) if ratios else float("nan")
+
+
+@dataclass
+class DecoderTask(BaseTask):
+    """Decoder: alpha * (1 - SSIM)(x, out) + (1 - alpha) * MSE(x, minmax(out)) (paper eq. 3)."""
+
+    alpha: float = 0.5
+    shuffle_buffer: int | None = 1024
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def _target(self, model: Decoder, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).float() / 255.0
+        return crop_to(x, model.output_size)
+
+    def _losses(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from pytorch_msssim import ssim
+
+        m = getattr(model, "module", model)
+        x = self._target(m, batch["image"])
+        out = model(batch["embedding"].float())
+        win = 11 if m.output_size >= 44 else 7
+        s = ssim(out, x, data_range=1.0, size_average=True, win_size=win)
+        mse = F.mse_loss(Decoder.rescale(out), x)
+        return self.alpha * (1 - s) + (1 - self.alpha) * mse, s, mse
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return self._losses(model, batch)[0]
+
+    def validate(self, model, device, final: bool) -> dict[str, Any]:
+        from pytorch_msssim import ssim
+
+        loss_sum = ssim_sum = psnr_sum = 0.0
+        count = 0
+        for batch in self.eval_batches("valid", device):
+            loss, _, _ = self._losses(model, batch)
+            x = self._target(model, batch["image"])
+            rec = model.reconstruct(batch["embedding"].float())
+            win = 11 if model.output_size >= 44 else 7
+            n = len(x)
+            ssim_sum += float(ssim(rec, x, data_range=1.0, size_average=True, win_size=win)) * n
+            mse = ((rec - x) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+            psnr_sum += float((10 * torch.log10(1.0 / mse)).sum())
+            loss_sum += float(loss) * n
+            count += n
+        count = max(count, 1)
+        return {"val_loss": loss_sum / count, "val_ssim": ssim_sum / count, "val_psnr": psnr_sum / count}
