@@ -153,6 +153,7 @@ def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: f
     else:
         splits = seeded_split(table.image_ids, seed, test_fraction)
     index = pa.table({
+        "uid": pa.array(np.arange(len(table.image_ids), dtype=np.int64)),
         "image_id": pa.array(table.image_ids, pa.string()),
         "path": pa.array([storage.join(uri, IMAGE_DIR, i) for i in table.image_ids], pa.string()),
         "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels.reshape(-1), pa.int8()), len(names)),
@@ -210,6 +211,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
     if labels.dtype == object:
         labels = np.stack(labels)
     return {
+        "uid": batch["uid"].astype(np.int64),
         "image_id": batch["image_id"],
         "split": batch["split"],
         "labels": labels.astype(np.int8),
@@ -222,7 +224,7 @@ def read_celeba(uri: str, image_size: int = 64, drop_labels: list[str] | None = 
                 test_fraction: float = 0.05, max_images: int = 0, batch_size: int = 64):
     """Open a CelebA-format folder (local or ``s3://``) as a Ray Dataset.
 
-    Columns: ``image_id`` (file name), ``split`` (train|valid|test), ``labels`` (L int8 0/1),
+    Columns: ``uid`` (row of the attribute file), ``image_id`` (file name), ``split`` (train|valid|test), ``labels`` (L int8 0/1),
     ``image`` (uint8 HxWx3, zeros where unreadable) and ``error`` ("" when the image was read,
     else the reason).
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from olr_ray import storage
 from olr_ray.runtime import ResourcePlan
-from olr_ray.train.loop import CHECKPOINT_FILE, train_func
+from olr_ray.train.loop import latest_checkpoint_uri, train_func
 
 log = logging.getLogger("olr_ray.train")
 
@@ -55,7 +55,6 @@ def fit(task, datasets: dict[str, Any], plan: ResourcePlan, checkpoints_uri: str
         storage_path=path,
         storage_filesystem=fs,
         failure_config=ray.train.FailureConfig(max_failures=max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
     )
     trainer = TorchTrainer(
         train_func,
@@ -68,10 +67,12 @@ def fit(task, datasets: dict[str, Any], plan: ResourcePlan, checkpoints_uri: str
     result = trainer.fit()
     if result.error:
         raise result.error
-    ckpt = result.checkpoint
-    if ckpt is None:
-        raise RuntimeError(f"{task.name}: training finished without a checkpoint under {checkpoints_uri}")
-    ckpt_uri = storage.join(("s3://" + ckpt.path) if storage.is_s3(checkpoints_uri) else ckpt.path, CHECKPOINT_FILE)
-    metrics = dict(result.metrics or {})
-    history = metrics.pop("history", None) or []
+    ckpt_uri = latest_checkpoint_uri(task.checkpoint_dir)
+    if ckpt_uri is None:
+        raise RuntimeError(f"{task.name}: training finished without a checkpoint under {task.checkpoint_dir}")
+    from olr_ray.models import load_checkpoint
+
+    _, state = load_checkpoint(ckpt_uri)
+    history = state.get("history", [])
+    metrics = dict(result.metrics or (history[-1] if history else {}))
     return FitResult(metrics, ckpt_uri, history)

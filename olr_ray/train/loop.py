@@ -2,7 +2,9 @@
 
 A small task object (:mod:`olr_ray.train.tasks`) supplies the model, the loss on a batch
 and the validation; this loop owns seeding, DDP, the per-epoch checkpoint, resume and
-reporting. Every worker calls ``ray.train.report`` once per epoch; only rank 0 logs,
+reporting. Checkpoints go to ``task.checkpoint_dir`` (local or S3) as ``epoch-NNNN.pt`` plus a
+``latest.json`` pointer; a worker restarted by ``FailureConfig`` and a re-run of the same run
+id both start from that pointer, so resuming works the same in-process and on a cluster. Every worker calls ``ray.train.report`` once per epoch; only rank 0 logs,
 validates and writes the checkpoint.
 """
 
@@ -10,17 +12,18 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import io
 import time
 from typing import Any
 
 import torch
 
+from olr_ray import storage
 from olr_ray.models import save_checkpoint
 from olr_ray.runtime import seed_everything
 
 log = logging.getLogger("olr_ray.train")
-CHECKPOINT_FILE = "checkpoint.pt"
+LATEST = "latest.json"
 
 
 def _all_mean(value: float, count: int) -> float:
@@ -32,6 +35,42 @@ def _all_mean(value: float, count: int) -> float:
     t = torch.tensor([value * count, float(count)], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t[0] / max(t[1], 1.0))
+
+
+def epoch_file(epoch: int) -> str:
+    return f"epoch-{epoch + 1:04d}.pt"
+
+
+def save_epoch(checkpoint_dir: str, epoch: int, blob: bytes, keep: int = 2) -> str:
+    """Write this epoch's checkpoint, then point ``latest.json`` at it, then prune old epochs.
+
+    The pointer is written after the file, so a crash mid-write never leaves it pointing at
+    a partial checkpoint.
+    """
+    uri = storage.join(checkpoint_dir, epoch_file(epoch))
+    storage.write_bytes(uri, blob)
+    storage.write_json(storage.join(checkpoint_dir, LATEST), {"epoch": epoch + 1, "file": epoch_file(epoch)})
+    for old in range(max(0, epoch + 1 - keep - 3), epoch + 1 - keep):
+        old_uri = storage.join(checkpoint_dir, epoch_file(old))
+        if storage.exists(old_uri):
+            fs, path = storage.resolve(old_uri)
+            fs.delete_file(path)
+    return uri
+
+
+def latest_checkpoint_uri(checkpoint_dir: str) -> str | None:
+    pointer = storage.join(checkpoint_dir, LATEST)
+    if not storage.exists(pointer):
+        return None
+    return storage.join(checkpoint_dir, storage.read_json(pointer)["file"])
+
+
+def load_latest(checkpoint_dir: str) -> dict[str, Any] | None:
+    """The newest complete checkpoint of a stage, or None on a fresh start."""
+    uri = latest_checkpoint_uri(checkpoint_dir)
+    if uri is None:
+        return None
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -48,20 +87,22 @@ def train_func(config: dict[str, Any]) -> None:
     model = task.build_model()
     optimizer = task.build_optimizer(model)
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+    state = load_latest(task.checkpoint_dir)
+    if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
-            log.info("[%s] resuming from the checkpoint of epoch %d", task.name, state["epoch"] + 1)
+            log.info("[%s] resuming after epoch %d from %s", task.name, state["epoch"] + 1, task.checkpoint_dir)
     model = ray.train.torch.prepare_model(model) if world > 1 or torch.cuda.is_available() else model
     device = ray.train.torch.get_device() if (world > 1 or torch.cuda.is_available()) else torch.device("cpu")
     # Ranks seed identically for the model init above (DDP broadcasts rank 0's anyway), then diverge here.
     torch.manual_seed(task.seed * 7 + rank + 1000 * start_epoch)
 
+    if start_epoch >= task.epochs and history:
+        # Already trained to the end (a re-run after the last checkpoint): report the final
+        # metrics again so the driver gets them, and train nothing.
+        ray.train.report(history[-1])
     for epoch in range(start_epoch, task.epochs):
         t0 = time.time()
         model.train()
@@ -84,16 +125,14 @@ def train_func(config: dict[str, Any]) -> None:
             with torch.inference_mode():
                 metrics.update(task.validate(getattr(model, "module", model), device, final=epoch + 1 == task.epochs))
             metrics["epoch_seconds"] = time.time() - t0
-            history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            history.append(metrics)
             log.info("[%s] epoch %d/%d %s", task.name, epoch + 1, task.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-            with tempfile.TemporaryDirectory() as tmp:
-                blob = save_checkpoint(model, task.model_name, extra={
-                    "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-                    "label_names": task.label_names,
-                })
-                with open(os.path.join(tmp, CHECKPOINT_FILE), "wb") as f:
-                    f.write(blob)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            blob = save_checkpoint(model, task.model_name, extra={
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
+                "label_names": task.label_names,
+            })
+            save_epoch(task.checkpoint_dir, epoch, blob)
+            ray.train.report(metrics)
         else:
             ray.train.report(metrics)

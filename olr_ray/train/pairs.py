@@ -31,7 +31,7 @@ def occlusion_rects(seed: int, epoch: int, uids: np.ndarray, height: int, width:
     return out
 
 
-def apply_occlusion(images: np.ndarray, rects: np.ndarray, fill: str = "zero", seed: int = 0) -> np.ndarray:
+def apply_occlusion(images: np.ndarray, rects: np.ndarray, fill: str = "zero", seed: int | tuple[int, ...] = 0) -> np.ndarray:
     """Copy of ``images`` (N, H, W, 3 uint8) with each rectangle filled.
 
     fill: ``zero`` (black), ``mean`` (the image's mean colour) or ``noise`` (uniform noise,
@@ -96,7 +96,7 @@ class PairLabeler:
         if self.target == "occlusion":
             h, w = images.shape[1:3]
             rects = occlusion_rects(self.seed, self.epoch, uids, h, w, self.lo, self.hi)
-            fed = apply_occlusion(images, rects, self.fill, seed=self.seed + self.epoch)
+            fed = apply_occlusion(images, rects, self.fill, seed=(self.seed & 0xFFFFFFFF, self.epoch & 0xFFFFFFFF))
             p = self.probs(fed)
         else:  # temperature: un-occluded images, softened probabilities
             fed = images

@@ -31,6 +31,8 @@ class BaseTask:
     threads: int = 1
     shuffle_buffer: int | None = 1024
     optimizer: str = "adamw"
+    checkpoint_dir: str = ""
+    """``<run>/checkpoints/<stage>``: where each epoch's checkpoint and ``latest.json`` go."""
 
     def build_model(self) -> torch.nn.Module:
         return create_model(self.model_name, **self.model_args)

@@ -1,0 +1,1 @@
+"""Datasets: the CelebA reader and the built-in synthetic CelebA-like faces."""
