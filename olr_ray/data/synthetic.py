@@ -26,13 +26,15 @@ attributes sampled before it (the first rule whose condition holds wins). The ma
 - Heavy_Makeup -> Wearing_Lipstick, Attractive, Arched_Eyebrows, Earrings, Necklace, Rosy_Cheeks.
 - Chubby -> Double_Chin, against Oval_Face; Attractive -> Oval_Face; Big_Nose against Pointy_Nose.
 
-The resulting marginals are within about 0.02 of CelebA's (``CELEBA_RATES``); ``label_correlation``
+The resulting marginals are within 0.025 of CelebA's (``CELEBA_RATES``); ``label_correlation``
 gives the model's 40x40 correlation matrix by sampling.
 
 Rendering
 ---------
 Faces are drawn analytically in face units (u right, v down, face centre at 0, face half-width
-about 1) and mapped to pixels by a per-image similarity transform. Every attribute changes the
+about 1) and mapped to pixels by a per-image similarity transform; like CelebA's aligned crops the
+face fills about half the image width, with neck, shoulders and any tie or necklace below it.
+Men have a square jaw and a thick neck. Every attribute changes the
 drawing: hair colour, hair cap / bangs / receding hairline / bald dome with a side fringe, straight
 or wavy long hair with matching texture, a hat, glasses, eyebrow arch and thickness, eye size and
 opening, eye shadow and eyeliner (Heavy_Makeup), bags, nose shape, mouth curvature, opening, lip
@@ -435,12 +437,11 @@ def _blend(img: np.ndarray, sel: slice | np.ndarray, ys: slice, xs: slice, m: np
     if colour.ndim == 2:
         colour = colour[:, :, None, None]
     m = m[:, None] if alpha == 1.0 else m[:, None] * np.float32(alpha)
-    if isinstance(sel, slice):
-        region = img[sel, :, ys, xs]
-        region += (colour - region) * m
-    else:
-        region = img[sel, :, ys, xs]
-        region += (colour - region) * m
+    region = img[sel, :, ys, xs]
+    step = np.subtract(colour, region, dtype=np.float32)
+    step *= m
+    region += step
+    if not isinstance(sel, slice):  # fancy indexing gave a copy: write it back
         img[sel, :, ys, xs] = region
 
 
@@ -535,7 +536,7 @@ class _Painter:
             V = self.fr.v[sel, ys, xs]
             px = self.fr.px[sel]
             m = mask(U, V, px, sel)
-            if mirror:
+            if mirror and u0 <= 0.0:  # elements with u0 > 0 are zero on the other half anyway
                 m = m * ((U >= 0.0) if sign > 0 else (U > 0.0))
             col = colour(U, V, sel) if callable(colour) else colour[sel]
             _blend(self.img, sel, ys, xs, m, col, alpha)
@@ -611,8 +612,8 @@ class _Painter:
     def double_chin(self) -> None:
         ry = self.ry
         self.paint(self.a["Double_Chin"], (-0.7, 0.7, 0.8, 1.75),
-                   lambda U, V, px, s: _ellipse(U, V, 0.0, ry[s] + 0.06, 0.72, 0.36, px),
-                   self.skin * 0.88)
+                   lambda U, V, px, s: _ellipse(U, V, 0.0, ry[s] + 0.08, 0.75, 0.38, px),
+                   self.skin * 0.8)
 
     def chin_crease(self) -> None:
         rx, ry = self.rx, self.ry
@@ -677,10 +678,12 @@ class _Painter:
             self.paint(~a["Attractive"], (cu - 0.25, cu + 0.25, cv - 0.22, cv + 0.22),
                        lambda U, V, px, s, du=du, dv=dv: _ellipse(U, V, du[s], dv[s], 0.075, 0.075,
                                                                   px), spot, alpha=0.9)
-        self.paint(a["Bags_Under_Eyes"], (0.15, 0.7, -0.1, 0.12),
-                   lambda U, V, px, s: _ellipse(U, V, 0.4, 0.02, 0.21, 0.075, px),
-                   (skin * np.array([0.55, 0.45, 0.55])).astype(np.float32), alpha=0.9,
-                   mirror=True)
+        # Bags: dark purple-brown crescents under both eyes, visible on any skin tone.
+        self.paint(a["Bags_Under_Eyes"], (0.1, 0.75, -0.1, 0.22),
+                   lambda U, V, px, s: _ellipse(U, V, 0.4, 0.07, 0.25, 0.1, px)
+                   * (1.0 - _ellipse(U, V, 0.4, -0.03, 0.25, 0.1, px)),
+                   np.broadcast_to(np.array([0.3, 0.16, 0.24], np.float32), skin.shape),
+                   alpha=0.85, mirror=True)
         self.paint(a["5_o_Clock_Shadow"], (-0.95, 0.95, 0.15, 1.4),
                    lambda U, V, px, s: _ellipse(U, V, 0.0, 0.78, 0.84, 0.56, px),
                    np.broadcast_to(np.array([0.3, 0.32, 0.36], np.float32), skin.shape),
@@ -845,9 +848,9 @@ class _Painter:
                 self.paint(has_hair & kind & flag, (-1.3, 1.3, -1.6, -0.2), mask, colour)
         # Bald: a shiny dome and the remaining fringe of hair above the ears.
         bald = a["Bald"]
-        self.paint(bald, (-0.6, 0.2, -1.2, -0.75),
-                   lambda U, V, px, s: _ellipse(U, V, -0.25, -0.98, 0.3, 0.14, px),
-                   np.ones_like(self.skin), alpha=0.55)
+        self.paint(bald, (-0.65, 0.25, -1.2, -0.7),
+                   lambda U, V, px, s: _ellipse(U, V, -0.2, -0.95, 0.38, 0.18, px),
+                   np.ones_like(self.skin), alpha=0.8)
         self.paint(bald, (0.7, 1.3, -0.65, 0.15),
                    lambda U, V, px, s: _between(U, rx[s] - 0.2, rx[s] + 0.1, px)
                    * _between(V, -0.6, 0.1, px), self.hair, mirror=True)
