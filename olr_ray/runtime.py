@@ -50,8 +50,10 @@ def plan_resources(num_workers: int, use_gpu: str | bool = "auto") -> ResourcePl
     """Size training workers and data actors from what the cluster has.
 
     On a 2-CPU machine an actor pool or a trainer that takes every CPU starves Ray Data's
-    read tasks and the job hangs; so training never takes more than ~3/4 of the CPUs and
-    Ray Data's tasks ask for fractional CPUs there.
+    read tasks and the job hangs. Ray Data 2.60's file-listing task (``ListFiles``) always
+    asks for a whole CPU and shuffles and actor pools need room beside it, so training leaves
+    at least 1.5 CPUs to Ray Data; Ray Data's own tasks
+    and actors ask for fractional CPUs on small machines.
     """
     import ray
 
@@ -61,7 +63,7 @@ def plan_resources(num_workers: int, use_gpu: str | bool = "auto") -> ResourcePl
     gpu = (gpus >= 1) if use_gpu == "auto" else (use_gpu in (True, "true"))
     if gpu and gpus < max(1, num_workers):
         raise RuntimeError(f"use_gpu=true needs {max(1, num_workers)} GPU(s); the cluster has {gpus:g}")
-    reserve = max(0.5, cpus * 0.25)
+    reserve = max(1.5, cpus * 0.25)
     if num_workers == 0:
         per_worker, threads = 0.0, max(1, int(cpus))
     else:

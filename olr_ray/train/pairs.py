@@ -122,7 +122,7 @@ def pair_dataset(base, classifier_uri: str, seed: int, epoch: int, cfg, plan, sh
 
     ds = base.select_columns(["uid", "image", "labels"])
     if shuffle:
-        ds = ds.random_shuffle(seed=shuffle_seed(seed, epoch))
+        ds = ds.random_shuffle(seed=shuffle_seed(seed, epoch), num_cpus=plan.task_cpus)
     return ds.map_batches(
         PairLabeler,
         fn_constructor_kwargs=dict(
