@@ -152,8 +152,10 @@ class DecoderConfig:
     """Optimizer (paper: RMSProp)."""
     alpha: float = 0.5
     """Loss weight: alpha*(1-SSIM) + (1-alpha)*MSE(x, minmax(out)) (paper: 0.5)."""
-    width: int = 512
-    """Channels of the first reshaped map (paper: 6x6x512 at 178)."""
+    width: int = 128
+    """Channels of the reshaped dense output (paper: 6x6x512 at 178)."""
+    channels: int = 32
+    """Channels of the conv stack (paper: 64; the first ConvTranspose has twice this)."""
 
     def validate(self, p: list[str], pre: str = "decoder") -> None:
         _check(p, self.epochs >= 1, f"{pre}.epochs", f"expected >= 1, got {self.epochs!r}")
@@ -161,6 +163,7 @@ class DecoderConfig:
         _check(p, self.lr > 0, f"{pre}.lr", f"expected > 0, got {self.lr!r}")
         _check(p, 0 <= self.alpha <= 1, f"{pre}.alpha", f"expected 0..1, got {self.alpha!r}")
         _check(p, self.width >= 8, f"{pre}.width", f"expected >= 8, got {self.width!r}")
+        _check(p, self.channels >= 4, f"{pre}.channels", f"expected >= 4, got {self.channels!r}")
 
 
 @dataclass
@@ -240,7 +243,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"n_images": 600, "image_size": 32},
         "classifier": {"epochs": 2, "batch_size": 64, "width": 8},
         "siamese": {"epochs": 2, "batch_size": 32, "width": 8, "k": 8, "val_pairs": 64},
-        "decoder": {"epochs": 2, "batch_size": 32, "width": 32},
+        "decoder": {"epochs": 2, "batch_size": 32, "width": 32, "channels": 8},
         "analysis": {"probe_epochs": 50, "edit_images": 16, "disentangle_faces": 32},
     },
     # The default: synthetic 64x64, 20,000 images, good on every metric within 20 minutes on 2 cores.
@@ -252,7 +255,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"source": "s3://YOUR-BUCKET/celeba", "image_size": 178, "label_noise": 0.0},
         "classifier": {"epochs": 15, "batch_size": 128, "width": 64},
         "siamese": {"epochs": 30, "batch_size": 64, "width": 64, "k": 32},
-        "decoder": {"epochs": 50, "batch_size": 64, "lr": 1e-4, "optimizer": "rmsprop", "alpha": 0.5},
+        "decoder": {"epochs": 50, "batch_size": 64, "lr": 1e-4, "optimizer": "rmsprop", "alpha": 0.5,
+                    "width": 512, "channels": 64},
         "embed": {"batch_size": 512},
     },
 }
@@ -304,7 +308,10 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str, p: list[str]) -> None
                 continue
             _apply(current, value, f"{full}.", p)
         else:
-            setattr(obj, key, _coerce(value, hints[key], full, p))
+            before = len(p)
+            coerced = _coerce(value, hints[key], full, p)
+            if len(p) == before:  # a wrongly typed value is reported, and the default kept for the range checks
+                setattr(obj, key, coerced)
 
 
 def parse_overrides(items: list[str]) -> tuple[dict[str, Any], list[str]]:

@@ -124,8 +124,8 @@ def read_images(run: Run, splits: list[str] | None, plan, columns: list[str] | N
         raise RuntimeError(f"run {run.run_id}: no prepared images for splits {splits} under {run.path('data')}")
     fs, _ = storage.resolve(run.uri)
     paths = [storage.resolve(d)[1] for d in dirs]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, num_cpus=plan.task_cpus)
-    return ds
+    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=plan.task_cpus)
+    return ds.select_columns(columns) if columns else ds
 
 
 def eval_split(run: Run) -> str:

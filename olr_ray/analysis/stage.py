@@ -1,0 +1,242 @@
+"""Analysis stage: the paper's experiments on the committed embeddings, figures and report.md.
+
+Everything is computed from the committed embedding Parquet (plus the prepared images for
+figures, and the trained models for decoding/editing) and written to ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from olr_ray import storage
+from olr_ray.analysis import load_embeddings
+from olr_ray.analysis import metrics as M
+from olr_ray.analysis import plots as P
+from olr_ray.analysis.report import write_report
+
+log = logging.getLogger("olr_ray.analysis")
+EDIT_SHOWCASE = ["Eyeglasses", "Smiling", "Wearing_Hat", "Blond_Hair", "Mouth_Slightly_Open", "Bald"]
+
+
+def read_split_images(run, plan, split: str, uids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uids, images) of one split, sorted by uid; optionally only the given uids."""
+    from olr_ray.pipeline import read_images
+
+    ds = read_images(run, [split], plan, ["uid", "image"])
+    out_u, out_i = [], []
+    wanted = None if uids is None else set(int(u) for u in uids)
+    for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+        keep = np.ones(len(b["uid"]), bool) if wanted is None else np.isin(b["uid"], list(wanted))
+        out_u.append(b["uid"][keep])
+        out_i.append(b["image"][keep])
+    u, imgs = np.concatenate(out_u), np.concatenate(out_i)
+    order = np.argsort(u)
+    return u[order], imgs[order]
+
+
+def _batched(fn, x: torch.Tensor, bs: int = 256) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)]) if len(x) else x
+
+
+def classify_reconstruction(classifier, rec: torch.Tensor, size: int) -> np.ndarray:
+    """Classifier probabilities on decoded images (resized back to the input size, in [0,1])."""
+    x = F.interpolate(rec, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x * 255.0).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return torch.sigmoid(_batched(classifier, x)).numpy()
+
+
+def stage_analysis(run, plan) -> dict[str, Any]:
+    from olr_ray.models import load_checkpoint
+    from olr_ray.models.nets import crop_to
+
+    cfg, info = run.cfg.analysis, run.stage("data")
+    names: list[str] = info["label_names"]
+    size = info["image_size"]
+    torch.set_num_threads(max(1, int(os.cpu_count() or 1)))
+    emb = load_embeddings(run.path("embeddings"))
+    train, test = emb.select(emb.splits == "train"), emb.select(emb.splits == "test")
+    out: dict[str, Any] = {}
+    figs: dict[str, str] = {}
+    tmp = tempfile.mkdtemp(prefix="olr-analysis-")
+    fig = lambda name: os.path.join(tmp, name)  # noqa: E731
+
+    # 1. Linear probe vs the classifier, on the same test images.
+    probe = M.linear_probe(train.E, train.labels, test.E, test.labels, epochs=cfg.probe_epochs, seed=run.cfg.seed)
+    out["probe.test_mean_accuracy"] = probe["test_mean_accuracy"]
+    out["probe.test_balanced_accuracy"] = probe["test_balanced_accuracy"]
+    out["classifier.test_mean_accuracy"] = M.mean_accuracy(test.probs, test.labels)
+    out["classifier.test_balanced_accuracy"] = M.balanced_accuracy(test.probs, test.labels)
+    out["probe.minus_classifier"] = out["probe.test_mean_accuracy"] - out["classifier.test_mean_accuracy"]
+    out["probe.test_accuracy_per_label"] = dict(zip(names, map(float, probe["per_label_accuracy"])))
+
+    # 2. Correlation of per-label norms against the labels' own correlation.
+    norm_corr, label_corr = M.norm_correlation(emb.E), M.label_correlation(emb.labels)
+    out["correlation.vs_label_corr_r"] = M.offdiag_agreement(norm_corr, label_corr)
+    figs["Correlation of per-label embedding norms vs label correlation"] = P.plot_correlation_pair(
+        norm_corr, label_corr, names, fig("correlation_pair.png"), out["correlation.vs_label_corr_r"])
+    figs["Pearson correlation of per-label embedding norms"] = P.plot_correlation_heatmap(
+        norm_corr, names, fig("norm_correlation.png"), "Pearson correlation of per-label embedding norms")
+    np.save(fig("norm_correlation.npy"), norm_corr)
+
+    # 3. PCA of one label's vectors, test images ranked on the first component.
+    pca_label = cfg.pca_label if cfg.pca_label in names else names[0]
+    li = names.index(pca_label)
+    pca = M.label_pca(emb.E[:, li, :])
+    out["pca.label"] = pca_label
+    out["pca.explained_variance_ratio"] = [float(v) for v in pca["explained_variance_ratio"]]
+    figs[f"PCA of {pca_label} embeddings: explained variance"] = P.plot_pca_variance(
+        pca["explained_variance_ratio"], fig("pca_variance.png"), pca_label)
+    test_uids, test_images = read_split_images(run, plan, "test")
+    if not np.array_equal(test_uids, test.uids):
+        raise RuntimeError("test images and test embeddings disagree on uids")
+    proj = (test.E[:, li, :] - pca["mean"]) @ pca["components"][0]
+    figs[f"Test images ranked by their {pca_label} first-component projection"] = P.plot_ranked_strip(
+        test_images, proj, fig("pca_ranked_strip.png"), f"Ranked by PC1 of {pca_label}", n=10,
+        value_name="PC1")
+
+    # 4. Reconstruction on the test split.
+    dec_uri = run.stage("decoder").get("checkpoint")
+    clf, _ = load_checkpoint(run.stage("classifier")["checkpoint"])
+    if dec_uri:
+        decoder, dstate = load_checkpoint(dec_uri)
+        Et = torch.from_numpy(test.E)
+        rec = _batched(decoder.reconstruct, Et)
+        x = crop_to(torch.from_numpy(test_images).permute(0, 3, 1, 2).float() / 255.0, decoder.output_size)
+        ssim, psnr = M.ssim_psnr(rec, x)
+        out["reconstruction.test_ssim"], out["reconstruction.test_psnr"] = float(ssim), float(psnr)
+        n_show = min(8, len(x))
+        figs["Test originals (top) and their reconstructions from the embedding (bottom)"] = P.plot_image_grid(
+            [[x[i].numpy() for i in range(n_show)], [rec[i].numpy() for i in range(n_show)]],
+            fig("reconstructions.png"), row_titles=["original", "reconstruction"])
+        figs["Decoder training"] = P.plot_training_curves(_curves(dstate.get("history", [])), fig("decoder_curves.png"))
+
+        # 5. Per-label Gaussians, then editing judged by the classifier on the decoded images.
+        g = M.fit_label_gaussians(train.E, train.labels)
+        np.savez(fig("gaussians.npz"), mean=g["mean"], cov=g["cov"], count=g["count"], label_names=np.array(names))
+        n_edit = min(cfg.edit_images, len(test))
+        E0 = test.E[:n_edit]
+        base_probs = classify_reconstruction(clf, _batched(decoder.reconstruct, torch.from_numpy(E0)), size)
+        add, rem, keep_add, keep_rem = [], [], [], []
+        by_scale: dict[float, list[float]] = {s: [] for s in cfg.edit_scales}
+        for l in range(len(names)):
+            if g["empty"][l]:
+                continue
+            for s in cfg.edit_scales:
+                Ea = M.edit_embeddings(E0, l, "add", g, scale=s, seed=run.cfg.seed + l)
+                pa_ = classify_reconstruction(clf, _batched(decoder.reconstruct, torch.from_numpy(Ea)), size)
+                r = M.editing_success(base_probs, pa_, l, "add")
+                if not np.isnan(r["target_success"]):
+                    by_scale[s].append(r["target_success"])
+                if s == 1.0:
+                    if not np.isnan(r["target_success"]):
+                        add.append(r["target_success"])
+                    keep_add.append(r["others_preserved"])
+            Er = M.edit_embeddings(E0, l, "remove", g)
+            pr = classify_reconstruction(clf, _batched(decoder.reconstruct, torch.from_numpy(Er)), size)
+            r = M.editing_success(base_probs, pr, l, "remove")
+            if not np.isnan(r["target_success"]):
+                rem.append(r["target_success"])
+            keep_rem.append(r["others_preserved"])
+        out["editing.add_success"] = float(np.mean(add)) if add else float("nan")
+        out["editing.remove_success"] = float(np.mean(rem)) if rem else float("nan")
+        out["editing.others_preserved"] = float(np.mean(keep_add + keep_rem)) if keep_add else float("nan")
+        out["editing.add_success_by_scale"] = {str(s): float(np.mean(v)) if v else float("nan") for s, v in by_scale.items()}
+        figs.update(_editing_figures(decoder, g, E0, names, cfg.edit_scales, fig, run.cfg.seed))
+
+    # 6. Block disentanglement on the synthetic faces: flip one attribute, measure where E moves.
+    if info.get("kind") == "synthetic" and cfg.disentangle_faces > 0:
+        out.update(_disentanglement(run, names, size, cfg.disentangle_faces))
+
+    # Training curves of the classifier and the Siamese network.
+    for stage in ("classifier", "siamese"):
+        _, st = load_checkpoint(run.stage(stage)["checkpoint"])
+        figs[f"{stage.capitalize()} training"] = P.plot_training_curves(_curves(st.get("history", [])),
+                                                                       fig(f"{stage}_curves.png"))
+
+    run.metrics.update(out)
+    # Upload figures, then the report that links them by relative path.
+    storage.makedirs(run.path("analysis"))
+    rel: dict[str, str] = {}
+    for title, path in figs.items():
+        name = os.path.basename(path)
+        storage.write_bytes(run.path("analysis", name), open(path, "rb").read())
+        rel[title] = os.path.join(tmp, "analysis", name)
+    for extra in ("gaussians.npz", "norm_correlation.npy"):
+        if os.path.exists(fig(extra)):
+            storage.write_bytes(run.path("analysis", extra), open(fig(extra), "rb").read())
+    os.makedirs(os.path.join(tmp, "analysis"), exist_ok=True)
+    for title, path in figs.items():
+        os.replace(path, os.path.join(tmp, "analysis", os.path.basename(path)))
+    report = write_report(tmp, run.metrics, rel, paper_reference=info.get("kind") != "synthetic",
+                          extra_sections={"Run": _run_section(run)})
+    storage.write_bytes(run.path("report.md"), open(report, "rb").read())
+    return {"figures": sorted(os.path.basename(p) for p in figs.values()), "report": run.path("report.md")}
+
+
+def _curves(history: list[dict[str, Any]]) -> dict[str, list[float]]:
+    keys = [k for k in (history[0] if history else {}) if k.endswith(("loss", "accuracy", "r2", "ssim", "psnr"))
+            and isinstance(history[0][k], (int, float))]
+    return {k: [float(h.get(k, np.nan)) for h in history] for k in keys}
+
+
+def _editing_figures(decoder, g, E0, names, scales, fig, seed) -> dict[str, str]:
+    figs = {}
+    n = min(4, len(E0))
+    shown = [l for l in EDIT_SHOWCASE if l in names][:4] or names[:4]
+    for label in shown:
+        l = names.index(label)
+        if g["empty"][l]:
+            continue
+        rows, base = [], decoder.reconstruct(torch.from_numpy(E0[:n]))
+        cols = [base]
+        for s in scales:
+            cols.append(decoder.reconstruct(torch.from_numpy(M.edit_embeddings(E0[:n], l, "add", g, scale=s, seed=seed + l))))
+        cols.append(decoder.reconstruct(torch.from_numpy(M.edit_embeddings(E0[:n], l, "remove", g))))
+        with torch.inference_mode():
+            for i in range(n):
+                rows.append([c[i].detach().numpy() for c in cols])
+        figs[f"Editing {label}: add with s in {scales}, then remove"] = P.plot_image_grid(
+            rows, fig(f"edit_{label}.png"),
+            col_titles=["reconstruction"] + [f"+{label} s={s}" for s in scales] + [f"-{label}"],
+            title=f"Editing {label}")
+    return figs
+
+
+def _disentanglement(run, names: list[str], size: int, n_faces: int) -> dict[str, Any]:
+    from olr_ray.data import synthetic
+    from olr_ray.models import load_checkpoint
+
+    siamese, _ = load_checkpoint(run.stage("siamese")["checkpoint"])
+    rng = np.random.default_rng(run.cfg.seed + 99)
+    idx = 10_000_000 + np.arange(n_faces)  # faces never seen in training
+    flips = rng.integers(0, len(names), n_faces)
+    E_o, E_f = [], []
+    for l in range(len(names)):
+        sel = idx[flips == l]
+        if len(sel) == 0:
+            continue
+        orig, flipped, _, _ = synthetic.flip_and_render(sel, names[l], seed=run.cfg.seed, size=size)
+        E_o.append(_batched(siamese, torch.from_numpy(orig)).numpy())
+        E_f.append(_batched(siamese, torch.from_numpy(flipped)).numpy())
+    order = np.concatenate([np.full((flips == l).sum(), l) for l in range(len(names)) if (flips == l).any()])
+    Eo, Ef = np.concatenate(E_o), np.concatenate(E_f)
+    per = M.own_block_fraction_per_label(Eo, Ef, order)
+    return {"disentanglement.own_block_fraction": M.own_block_fraction(Eo, Ef, order),
+            "disentanglement.chance_fraction": 1.0 / len(names),
+            "disentanglement.own_block_fraction_per_label": {n: float(v) for n, v in zip(names, per) if not np.isnan(v)}}
+
+
+def _run_section(run) -> str:
+    lines = [f"- run id: `{run.run_id}`", f"- location: `{run.uri}`", f"- data: `{run.cfg.data.source}`"]
+    for name, st in run.manifest["stages"].items():
+        if "seconds" in st:
+            lines.append(f"- stage {name}: {st['status']} in {st['seconds']:.1f}s")
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""Decoder stage: learn to reconstruct the image from its committed embedding (paper 4.4, Table 1).
+
+Training streams from the embedding Parquet: the committed embeddings of the training split
+are joined on ``uid`` with the prepared images by Ray Data (a hash join), so the decoder sees
+exactly what analysts read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from olr_ray import storage
+
+
+def _stack_embedding(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    emb = batch["embedding"]
+    if emb.dtype == object:
+        emb = np.stack(emb)
+    return {"embedding": emb.astype(np.float32), "image": batch["image"]}
+
+
+def embedding_image_pairs(run, plan, split: str, limit: int | None = None):
+    """Ray Dataset of (embedding, image) for one split, joined on uid from the committed Parquet."""
+    import ray
+
+    from olr_ray.embed import MANIFEST
+    from olr_ray.pipeline import read_images
+
+    manifest = storage.read_json(run.path("embeddings", MANIFEST))
+    fs, _ = storage.resolve(run.uri)
+    files = [storage.resolve(run.path("embeddings", f["path"]))[1] for f in manifest["files"]]
+    emb = ray.data.read_parquet(files, filesystem=fs, num_cpus=plan.task_cpus).select_columns(
+        ["uid", "split", "embedding"])
+    emb = emb.filter(lambda r: r["split"] == split)
+    img = read_images(run, [split], plan, ["uid", "image"])
+    if limit:
+        emb = emb.limit(limit)
+    joined = emb.join(img, join_type="inner", num_partitions=max(2, plan.actors), on=("uid",),
+                      aggregator_ray_remote_args={"num_cpus": plan.task_cpus})
+    return joined.map_batches(_stack_embedding, batch_format="numpy", num_cpus=plan.task_cpus)
+
+
+def stage_decoder(run, plan) -> dict[str, Any]:
+    from olr_ray.pipeline import eval_split
+    from olr_ray.train.driver import fit
+    from olr_ray.train.tasks import DecoderTask
+
+    d = run.cfg.decoder
+    info = run.stage("data")
+    names = info["label_names"]
+    task = DecoderTask(
+        name="decoder", model_name="decoder",
+        model_args=dict(num_labels=len(names), k=run.cfg.siamese.k, image_size=info["image_size"], width=d.width,
+                        channels=d.channels),
+        label_names=names, epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, seed=run.cfg.seed,
+        threads=plan.threads_per_worker, optimizer=d.optimizer, alpha=d.alpha,
+        checkpoint_dir=run.path("checkpoints", "decoder"),
+    )
+    datasets = {
+        # Joined once and kept in the object store: re-joining every epoch costs more than the epoch.
+        "train": embedding_image_pairs(run, plan, "train").materialize(),
+        "valid": embedding_image_pairs(run, plan, eval_split(run), limit=512),
+    }
+    res = fit(task, datasets, plan, run.path("checkpoints"), run.cfg.max_failures)
+    m = res.metrics
+    run.metrics.update({"decoder.val_loss": m["val_loss"], "decoder.val_ssim": m["val_ssim"],
+                        "decoder.val_psnr": m["val_psnr"], "decoder.epochs": m["epoch"]})
+    return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"]}
