@@ -1,0 +1,46 @@
+import pytest
+import yaml
+
+from olr_ray.config import PRESETS, ConfigError, build_config, from_dict, to_yaml
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_builds_and_round_trips(preset):
+    cfg = build_config(preset)
+    assert to_yaml(from_dict(yaml.safe_load(to_yaml(cfg)))) == to_yaml(cfg)
+
+
+def test_demo_preset_is_the_documented_default():
+    cfg = build_config("demo")
+    assert cfg.data.source == "synthetic" and cfg.data.image_size == 64 and cfg.data.n_images >= 20_000
+    assert cfg.siamese.k == 32 and cfg.siamese.occlusion_min == 0.33 and cfg.siamese.occlusion_max == 0.66
+    assert cfg.decoder.lr == 1e-4 and cfg.decoder.optimizer == "rmsprop" and cfg.decoder.alpha == 0.5
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = build_config("smoke", overrides=["siamese.epochs=3", "data.label_noise=0.1", "siamese.target=temperature",
+                                           "analysis.edit_scales=[1.0, 2.0]"])
+    assert cfg.siamese.epochs == 3 and cfg.data.label_noise == 0.1 and cfg.siamese.target == "temperature"
+    assert cfg.analysis.edit_scales == [1.0, 2.0]
+
+
+def test_all_problems_are_reported_together():
+    with pytest.raises(ConfigError) as exc:
+        build_config("smoke", overrides=["nope=1", "siamese.k=0", "classifier.lr=abc", "siamese.target=occ",
+                                         "data.bogus=2", "noequals"])
+    problems = "\n".join(exc.value.problems)
+    for expected in ("nope: unknown key", "siamese.k: expected >= 1", "classifier.lr: expected a number",
+                     "siamese.target: expected one of occlusion, temperature", "data.bogus: unknown key",
+                     "noequals: expected key=value"):
+        assert expected in problems
+    assert len(exc.value.problems) == 6
+
+
+def test_yaml_config_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 7\nsiamese:\n  k: 16\n")
+    cfg = build_config("smoke", str(f))
+    assert cfg.seed == 7 and cfg.siamese.k == 16
+    f.write_text("siamese: [1, 2]\n")
+    with pytest.raises(ConfigError, match="siamese: expected a mapping"):
+        build_config("smoke", str(f))
