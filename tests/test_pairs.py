@@ -1,0 +1,54 @@
+"""Occlusion geometry (property tests), pair targets and their determinism."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from olr_ray.train.pairs import apply_occlusion, joint_target, occlusion_rects
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), epoch=st.integers(-1, 1000), uid=st.integers(0, 2**40),
+       h=st.integers(8, 300), w=st.integers(8, 300))
+def test_one_rectangle_inside_the_image_with_sides_in_range(seed, epoch, uid, h, w):
+    (top, left, rh, rw), = occlusion_rects(seed, epoch, np.array([uid]), h, w, 0.33, 0.66)
+    assert 0 <= top and top + rh <= h and 0 <= left and left + rw <= w
+    # Sides are uniform in [0.33, 0.66] of the image's, up to rounding to whole pixels.
+    assert 0.33 * h - 0.5 <= rh <= 0.66 * h + 0.5
+    assert 0.33 * w - 0.5 <= rw <= 0.66 * w + 0.5
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 1000), epoch=st.integers(0, 50))
+def test_rectangles_depend_on_seed_epoch_uid_only(seed, epoch):
+    uids = np.arange(20)
+    a = occlusion_rects(seed, epoch, uids, 64, 64)
+    b = occlusion_rects(seed, epoch, uids[::-1], 64, 64)[::-1]  # other batch order
+    assert np.array_equal(a, b)
+    assert np.array_equal(a[5:10], occlusion_rects(seed, epoch, uids[5:10], 64, 64))
+
+
+def test_fresh_occlusions_each_epoch_and_sizes_cover_the_range():
+    uids = np.arange(4000)
+    r0, r1 = occlusion_rects(0, 0, uids, 100, 100), occlusion_rects(0, 1, uids, 100, 100)
+    assert (r0 != r1).any(axis=1).mean() > 0.95
+    frac = r0[:, 2] / 100
+    assert frac.min() < 0.35 and frac.max() > 0.64 and abs(frac.mean() - 0.495) < 0.01
+    # Positions are spread over the image.
+    assert r0[:, 0].min() == 0 and (r0[:, 0] + r0[:, 2]).max() == 100
+
+
+def test_occlusion_fills_exactly_the_rectangle():
+    imgs = np.full((2, 10, 12, 3), 200, np.uint8)
+    rects = np.array([[1, 2, 3, 4], [0, 0, 10, 12]], np.int32)
+    out = apply_occlusion(imgs, rects, "zero")
+    assert (out[0, 1:4, 2:6] == 0).all() and out[0].sum() == 200 * 3 * (120 - 12)
+    assert (out[1] == 0).all()
+    assert (imgs == 200).all()  # input untouched
+    assert (apply_occlusion(imgs, rects, "mean")[0, 1:4, 2:6] == 200).all()
+
+
+def test_target_is_the_elementwise_product():
+    pa, pb = np.array([[0.9, 0.1, 0.5]]), np.array([[0.8, 0.2, 1.0]])
+    assert np.allclose(joint_target(pa, pb), [[0.72, 0.02, 0.5]])
+    assert joint_target(pa, pb).dtype == np.float32
