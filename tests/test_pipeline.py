@@ -1,0 +1,176 @@
+"""The smoke preset end to end (in-process on the session's Ray), and what analysts rely on in its output."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from olr_ray.analysis import NotCommittedError, load_embeddings
+from olr_ray.config import STAGES, build_config
+from olr_ray.embed import embed_dataset, embedding_schema
+from olr_ray.pipeline import Run, read_images, run_pipeline
+from olr_ray.runtime import plan_resources
+
+pytestmark = pytest.mark.slow
+
+METRIC_KEYS = [
+    "classifier.test_mean_accuracy", "classifier.test_mean_accuracy_per_label", "classifier.majority_baseline",
+    "siamese.val_mse", "siamese.dot_r2", "siamese.norm_ratio_present_absent",
+    "probe.test_mean_accuracy", "probe.test_balanced_accuracy", "correlation.vs_label_corr_r", "pca.label",
+    "pca.explained_variance_ratio", "reconstruction.test_ssim", "reconstruction.test_psnr",
+    "editing.add_success", "editing.remove_success", "editing.others_preserved",
+    "disentanglement.own_block_fraction",
+]
+
+
+@pytest.fixture(scope="module")
+def smoke(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = build_config("smoke")
+    run = run_pipeline(cfg, str(out), "smoke", progress=lambda m: None)
+    return run
+
+
+def test_run_layout(smoke):
+    root = smoke.uri
+    for name in ("config.yaml", "manifest.json", "metrics.json", "report.md"):
+        assert os.path.isfile(os.path.join(root, name)), name
+    for name in ("checkpoints", "embeddings", "errors", "analysis", "data"):
+        assert os.path.isdir(os.path.join(root, name)), name
+    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    assert list(manifest["stages"]) == list(STAGES)
+    assert all(s["status"] == "done" and s["seconds"] > 0 for s in manifest["stages"].values())
+    assert set(manifest["versions"]) >= {"olr_ray", "ray", "torch"}
+    assert manifest["stages"]["data"]["rows"] == 600 and manifest["stages"]["embed"]["rows"] == 600
+    for stage in ("classifier", "siamese", "decoder"):
+        assert os.path.isfile(os.path.join(root, "checkpoints", stage, "latest.json"))
+    emb = os.path.join(root, "embeddings")
+    assert os.path.isfile(os.path.join(emb, "_SUCCESS")) and os.path.isfile(os.path.join(emb, "manifest.json"))
+    assert not os.path.exists(os.path.join(emb, "_staging"))
+    assert pq.read_table(os.path.join(root, "errors", "read_errors.parquet")).num_rows == 0
+    figures = set(os.listdir(os.path.join(root, "analysis")))
+    assert {"correlation_pair.png", "pca_ranked_strip.png", "reconstructions.png", "gaussians.npz"} <= figures
+    report = open(os.path.join(root, "report.md")).read()
+    assert "analysis/correlation_pair.png" in report and "probe.test_mean_accuracy" in report
+
+
+def test_metrics_json_has_every_key(smoke):
+    metrics = json.load(open(os.path.join(smoke.uri, "metrics.json")))
+    missing = [k for k in METRIC_KEYS if k not in metrics]
+    assert not missing, missing
+    assert set(metrics["classifier.test_mean_accuracy_per_label"]) == set(smoke.stage("data")["label_names"])
+    assert 0 <= metrics["probe.test_mean_accuracy"] <= 1 and -1 <= metrics["correlation.vs_label_corr_r"] <= 1
+
+
+def test_embedding_schema_and_metadata(smoke):
+    manifest = json.load(open(os.path.join(smoke.uri, "embeddings", "manifest.json")))
+    names, k = manifest["label_names"], manifest["k"]
+    assert len(names) == 38 and k == 8
+    f = os.path.join(smoke.uri, "embeddings", manifest["files"][0]["path"])
+    schema = pq.read_schema(f)
+    assert schema.remove_metadata().equals(embedding_schema(names, k))
+    assert schema.field("embedding").type == pa.list_(pa.float32(), 38 * 8)
+    assert schema.field("labels").type == pa.list_(pa.int8())
+    assert all(not isinstance(t, pa.ExtensionType) for t in schema.types)
+    md = {a.decode(): b.decode() for a, b in schema.metadata.items()}
+    assert json.loads(md["olr.label_names"]) == names and md["olr.k"] == "8" and md["olr.run_id"] == "smoke"
+    assert md["olr.model"].endswith(".pt") and "olr.version" in md
+    assert sum(f_["rows"] for f_ in manifest["files"]) == manifest["rows"] == 600
+
+
+def test_load_embeddings_reads_the_committed_rows(smoke):
+    emb = load_embeddings(os.path.join(smoke.uri, "embeddings"))
+    assert emb.E.shape == (600, 38, 8) and emb.labels.shape == (600, 38)
+    assert len(set(emb.ids)) == 600
+    assert np.allclose(np.linalg.norm(emb.E, axis=-1), emb.norms, atol=1e-5)
+    test = load_embeddings(os.path.join(smoke.uri, "embeddings"), split="test")
+    assert 0 < len(test) < 600 and set(test.splits) == {"test"}
+
+
+def test_duckdb_query_on_local_output(smoke):
+    import duckdb
+
+    glob = os.path.join(smoke.uri, "embeddings", "*.parquet")
+    rows = duckdb.sql(f"""
+        SELECT image_id, norm_Eyeglasses FROM read_parquet('{glob}')
+        WHERE split = 'test' ORDER BY norm_Eyeglasses DESC LIMIT 10""").fetchall()
+    assert len(rows) == 10 and rows[0][1] >= rows[-1][1]
+    n, distinct = duckdb.sql(f"SELECT count(*), count(DISTINCT image_id) FROM read_parquet('{glob}')").fetchone()
+    assert n == distinct == 600
+    # Fixed-size lists arrive as DuckDB arrays: per-label vectors are sliceable.
+    (length,) = duckdb.sql(f"SELECT len(embedding) FROM read_parquet('{glob}') LIMIT 1").fetchone()
+    assert length == 38 * 8
+
+
+def _duckdb_s3():
+    import duckdb
+    from duckdb_extensions import import_extension
+
+    import_extension("httpfs")
+    con = duckdb.connect()
+    con.execute("LOAD httpfs")
+    endpoint = os.environ["AWS_ENDPOINT_URL_S3"].split("://", 1)[1]
+    con.execute(f"""CREATE SECRET (TYPE s3, KEY_ID '{os.environ["AWS_ACCESS_KEY_ID"]}',
+        SECRET '{os.environ["AWS_SECRET_ACCESS_KEY"]}', REGION 'us-east-1', ENDPOINT '{endpoint}',
+        URL_STYLE 'path', USE_SSL false)""")
+    return con
+
+
+def test_embed_to_s3_is_identical_and_reruns_do_not_duplicate(smoke, s3_bucket):
+    """Embed the same images with the same checkpoint straight to S3: same rows, same vectors;
+    a second write commits the same rows again, not twice as many; DuckDB reads it over S3."""
+    run, plan = smoke, plan_resources(2)
+    uri = f"{s3_bucket}/runs/smoke/embeddings"
+    args = dict(siamese_uri=run.stage("siamese")["checkpoint"], classifier_uri=run.stage("classifier")["checkpoint"],
+                label_names=run.stage("data")["label_names"], k=8, run_id="smoke", plan=plan, batch_size=64,
+                rows_per_file=250)
+    images = lambda: read_images(run, None, plan, ["uid", "image_id", "split", "labels", "image"])  # noqa: E731
+    first = embed_dataset(images(), uri, **args)
+    second = embed_dataset(images(), uri, **args)
+    assert first["rows"] == second["rows"] == 600
+    local, remote = load_embeddings(run.path("embeddings")), load_embeddings(uri)
+    assert np.array_equal(local.ids, remote.ids)
+    assert np.array_equal(local.E, remote.E)  # two runs from the same checkpoint: identical embeddings
+    con = _duckdb_s3()
+    n, distinct = con.execute(f"SELECT count(*), count(DISTINCT image_id) FROM read_parquet('{uri}/*.parquet')").fetchone()
+    assert n == distinct == 600
+    top = con.execute(f"""SELECT image_id FROM read_parquet('{uri}/*.parquet') WHERE split='test'
+                          ORDER BY norm_Eyeglasses DESC LIMIT 10""").fetchall()
+    assert len(top) == 10
+
+
+def test_write_killed_before_commit_leaves_nothing_visible(smoke, tmp_path, monkeypatch):
+    import olr_ray.embed as E
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(E, "commit", killed)
+    uri = str(tmp_path / "embeddings")
+    run, plan = smoke, plan_resources(2)
+    with pytest.raises(KeyboardInterrupt):
+        embed_dataset(read_images(run, None, plan, ["uid", "image_id", "split", "labels", "image"]), uri,
+                      run.stage("siamese")["checkpoint"], run.stage("classifier")["checkpoint"],
+                      run.stage("data")["label_names"], 8, "x", plan)
+    assert os.listdir(os.path.join(uri, "_staging"))  # the files were written...
+    with pytest.raises(NotCommittedError):  # ...but nothing is visible to readers
+        load_embeddings(uri)
+    import duckdb
+
+    with pytest.raises(duckdb.IOException):
+        duckdb.sql(f"SELECT count(*) FROM read_parquet('{uri}/*.parquet')").fetchone()
+
+
+def test_rerun_with_same_run_id_skips_done_stages(smoke):
+    messages = []
+    again = run_pipeline(smoke.cfg, os.path.dirname(smoke.uri), "smoke", progress=messages.append)
+    assert all("already done" in m for m in messages) and len(messages) == len(STAGES)
+    assert again.metrics == Run.open(smoke.cfg, os.path.dirname(smoke.uri), "smoke").metrics
+
+
+def test_rerun_with_other_config_is_refused(smoke):
+    with pytest.raises(ValueError, match="different config"):
+        run_pipeline(build_config("smoke", overrides=["seed=1"]), os.path.dirname(smoke.uri), "smoke")
