@@ -58,7 +58,7 @@ class DataConfig:
 class ClassifierConfig:
     """The multi-label CNN whose probabilities label the Siamese pairs."""
 
-    epochs: int = 4
+    epochs: int = 3
     """Passes over the training split."""
     batch_size: int = 128
     """Images per step per worker."""
@@ -83,16 +83,18 @@ class SiameseConfig:
 
     k: int = 32
     """Embedding size per label (the paper uses 32)."""
-    epochs: int = 6
+    epochs: int = 8
     """Epochs; each draws fresh random pairs and fresh occlusions."""
-    batch_size: int = 64
-    """Pairs per step per worker."""
+    batch_size: int = 16
+    """Pairs per step per worker (small batches: the dot-product loss needs many steps)."""
     lr: float = 2e-3
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     width: int = 32
     """Channels of the first trunk stage."""
+    label_kernel: int = 1
+    """Kernel side of the label-specific conv layer (L*k maps); 1 keeps it cheap at 64x64."""
     target: Literal["occlusion", "temperature"] = "occlusion"
     """How the classifier's output is softened: random occlusion (the paper's choice) or temperature."""
     temperature: float = 2.0
@@ -114,6 +116,7 @@ class SiameseConfig:
         _check(p, self.batch_size >= 2, f"{pre}.batch_size", f"expected >= 2, got {self.batch_size!r}")
         _check(p, self.lr > 0, f"{pre}.lr", f"expected > 0, got {self.lr!r}")
         _check(p, self.width >= 4, f"{pre}.width", f"expected >= 4, got {self.width!r}")
+        _check(p, self.label_kernel in (1, 3, 5), f"{pre}.label_kernel", f"expected 1, 3 or 5, got {self.label_kernel!r}")
         _check(p, self.temperature > 0, f"{pre}.temperature", f"expected > 0, got {self.temperature!r}")
         _check(p, 0 < self.occlusion_min <= self.occlusion_max <= 1, f"{pre}.occlusion_min/occlusion_max",
                f"expected 0 < min <= max <= 1, got {self.occlusion_min!r}, {self.occlusion_max!r}")
@@ -142,7 +145,7 @@ class EmbedConfig:
 class DecoderConfig:
     """Reconstruction model after the paper's Table 1, trained on the embeddings."""
 
-    epochs: int = 8
+    epochs: int = 6
     """Passes over the training embeddings."""
     batch_size: int = 64
     """Embeddings per step per worker."""
@@ -242,7 +245,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_workers": 2,
         "data": {"n_images": 600, "image_size": 32},
         "classifier": {"epochs": 2, "batch_size": 64, "width": 8},
-        "siamese": {"epochs": 2, "batch_size": 32, "width": 8, "k": 8, "val_pairs": 64},
+        "siamese": {"epochs": 2, "batch_size": 16, "width": 8, "k": 8, "val_pairs": 64},
         "decoder": {"epochs": 2, "batch_size": 32, "width": 32, "channels": 8},
         "analysis": {"probe_epochs": 50, "edit_images": 16, "disentangle_faces": 32},
     },
@@ -254,7 +257,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "use_gpu": "true",
         "data": {"source": "s3://YOUR-BUCKET/celeba", "image_size": 178, "label_noise": 0.0},
         "classifier": {"epochs": 15, "batch_size": 128, "width": 64},
-        "siamese": {"epochs": 30, "batch_size": 64, "width": 64, "k": 32},
+        "siamese": {"epochs": 30, "batch_size": 64, "width": 64, "k": 32, "label_kernel": 3},
         "decoder": {"epochs": 50, "batch_size": 64, "lr": 1e-4, "optimizer": "rmsprop", "alpha": 0.5,
                     "width": 512, "channels": 64},
         "embed": {"batch_size": 512},

@@ -225,7 +225,8 @@ def stage_siamese(run: Run, plan) -> dict[str, Any]:
     names = info["label_names"]
     clf = run.stage("classifier")["checkpoint"]
     task = SiameseTask(name="siamese", model_name="siamese",
-                       model_args=dict(num_labels=len(names), k=s.k, image_size=info["image_size"], width=s.width),
+                       model_args=dict(num_labels=len(names), k=s.k, image_size=info["image_size"], width=s.width,
+                                       label_kernel=s.label_kernel),
                        weight_decay=s.weight_decay, shuffle_buffer=None,
                        checkpoint_dir=run.path("checkpoints", "siamese"), **_task_common(run, plan, s))
     cols = ["uid", "image", "labels"]
