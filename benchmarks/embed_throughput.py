@@ -1,0 +1,117 @@
+"""Embedding throughput: the Ray Data stage (olr_ray.embed.Embedder in an actor pool) against a bare
+PyTorch loop over the same in-memory images, same models, same thread count. Prints JSON.
+
+    .venv/bin/python benchmarks/embed_throughput.py --n 20000 --size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def matmul_flops(threads: int, seconds: float = 2.0) -> float:
+    torch.set_num_threads(threads)
+    a = torch.randn(2048, 2048)
+    a @ a
+    t, n = time.perf_counter(), 0
+    while time.perf_counter() - t < seconds:
+        a @ a
+        n += 1
+    return n * 2 * 2048**3 / (time.perf_counter() - t)
+
+
+def model_flops(model, x) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        model(x)
+    return fc.get_total_flops() // len(x)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=20_000, help="images (default 20000)")
+    p.add_argument("--size", type=int, default=64, help="image side (default 64)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides (default: all CPUs)")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--use-gpu", action="store_true")
+    args = p.parse_args()
+
+    import ray
+
+    from olr_ray.data import synthetic
+    from olr_ray.embed import Embedder, file_metadata
+    from olr_ray.models import Classifier, SiameseEmbedder, save_checkpoint
+
+    L, k = 38, 32
+    device = "cuda" if args.use_gpu else "cpu"
+    tmp = tempfile.mkdtemp()
+    sia, clf = SiameseEmbedder(L, k, args.size, args.width).eval(), Classifier(L, args.size, args.width).eval()
+    sia_uri, clf_uri = os.path.join(tmp, "s.pt"), os.path.join(tmp, "c.pt")
+    open(sia_uri, "wb").write(save_checkpoint(sia, "siamese"))
+    open(clf_uri, "wb").write(save_checkpoint(clf, "classifier"))
+    drawn = synthetic.generate(np.arange(min(args.n, 2000)), size=args.size)
+    images = np.concatenate([drawn["image"]] * (args.n // len(drawn["image"]) + 1))[: args.n]
+    labels = np.zeros((args.n, L), np.int8)
+
+    # Bare loop: the same two forward passes per batch, plus the same Arrow conversion.
+    torch.set_num_threads(args.threads)
+    emb = Embedder(sia_uri, clf_uri, file_metadata([f"l{i}" for i in range(L)], k, "bench", sia_uri),
+                   threads=args.threads, use_gpu=args.use_gpu)
+    batch = {"uid": np.arange(args.batch_size), "image_id": np.array(["x"] * args.batch_size),
+             "split": np.array(["train"] * args.batch_size), "labels": labels[: args.batch_size],
+             "image": images[: args.batch_size]}
+    emb(batch)  # warm-up
+    t = time.perf_counter()
+    for i in range(0, args.n, args.batch_size):
+        sl = slice(i, i + args.batch_size)
+        emb({"uid": np.arange(i, i + len(images[sl])), "image_id": np.array(["x"] * len(images[sl])),
+             "split": np.array(["train"] * len(images[sl])), "labels": labels[sl], "image": images[sl]})
+    bare = args.n / (time.perf_counter() - t)
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ds = ray.data.from_numpy(images).map_batches(
+        lambda b: {"uid": np.zeros(len(b["data"]), np.int64), "image_id": np.array(["x"] * len(b["data"])),
+                   "split": np.array(["train"] * len(b["data"])), "labels": np.zeros((len(b["data"]), L), np.int8),
+                   "image": b["data"]}, batch_format="numpy", num_cpus=0.25).materialize()
+    meta = file_metadata([f"l{i}" for i in range(L)], k, "bench", sia_uri)
+
+    def run_ray() -> float:
+        t0 = time.perf_counter()
+        out = ds.map_batches(Embedder, fn_constructor_kwargs=dict(siamese_uri=sia_uri, classifier_uri=clf_uri,
+                                                                  metadata=meta, threads=args.threads,
+                                                                  use_gpu=args.use_gpu),
+                             batch_size=args.batch_size, batch_format="numpy",
+                             compute=ray.data.ActorPoolStrategy(size=1),
+                             **({"num_gpus": 1} if args.use_gpu else {"num_cpus": 1}))
+        rows = sum(len(b) for b in out.iter_batches(batch_size=None, batch_format="pyarrow"))
+        assert rows == args.n
+        return args.n / (time.perf_counter() - t0)
+
+    run_ray()  # warm-up: actor start, first pass
+    rate = run_ray()
+    x = torch.from_numpy(images[:8])
+    flops = model_flops(sia, x) + model_flops(clf, x)
+    peak = matmul_flops(args.threads) if not args.use_gpu else float("nan")
+    print(json.dumps({
+        "benchmark": "embed_throughput", "n": args.n, "size": args.size, "batch_size": args.batch_size,
+        "threads": args.threads, "device": device,
+        "ray_data_images_per_s": round(rate, 1), "bare_images_per_s": round(bare, 1), "ratio": round(rate / bare, 3),
+        "model_flops_per_image": flops, "machine_matmul_flops_per_s": round(peak),
+        "achieved_fraction_of_matmul": round(rate * flops / peak, 4) if peak == peak else None,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
