@@ -83,7 +83,7 @@ class SiameseConfig:
 
     k: int = 32
     """Embedding size per label (the paper uses 32)."""
-    epochs: int = 8
+    epochs: int = 5
     """Epochs; each draws fresh random pairs and fresh occlusions."""
     batch_size: int = 16
     """Pairs per step per worker (small batches: the dot-product loss needs many steps)."""
@@ -145,7 +145,7 @@ class EmbedConfig:
 class DecoderConfig:
     """Reconstruction model after the paper's Table 1, trained on the embeddings."""
 
-    epochs: int = 6
+    epochs: int = 4
     """Passes over the training embeddings."""
     batch_size: int = 64
     """Embeddings per step per worker."""
@@ -244,9 +244,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "num_workers": 2,
         "data": {"n_images": 600, "image_size": 32},
-        "classifier": {"epochs": 2, "batch_size": 64, "width": 8},
+        "classifier": {"epochs": 1, "batch_size": 64, "width": 8},
         "siamese": {"epochs": 2, "batch_size": 16, "width": 8, "k": 8, "val_pairs": 64},
-        "decoder": {"epochs": 2, "batch_size": 32, "width": 32, "channels": 8},
+        "decoder": {"epochs": 1, "batch_size": 32, "width": 32, "channels": 8},
         "analysis": {"probe_epochs": 50, "edit_images": 16, "disentangle_faces": 32},
     },
     # The default: synthetic 64x64, 20,000 images, good on every metric within 20 minutes on 2 cores.

@@ -29,13 +29,18 @@ def head(tmp_path):
     stop every other Ray on the machine (the test session's own).
     """
     token = secrets.token_hex(32)
-    env = dict(os.environ, RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
+    # The job's `python` is the one on the head's PATH: this environment's, as after `source .venv/bin/activate`.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     dash = _port()
     temp_dir = f"/tmp/olr-head-{os.getpid()}"
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={_port()}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2",
+         # Own ports for the agents too: the session's Ray already holds the defaults.
+         f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
+         f"--metrics-export-port={_port()}", f"--runtime-env-agent-port={_port()}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
@@ -68,7 +73,12 @@ def test_job_submit_runs_the_pipeline(head, tmp_path):
            "python", "jobs/full_pipeline.py", "--preset", "smoke", "--output", str(out), "--run-id", "job",
            "data.n_images=300", "classifier.epochs=1", "siamese.epochs=1", "decoder.epochs=1",
            "analysis.probe_epochs=5"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=repo)
+    deadline = time.time() + 180
+    while True:  # the job agent registers a little after the job server answers
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=repo)
+        if "No available agent" not in r.stdout + r.stderr or time.time() > deadline:
+            break
+        time.sleep(5)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr).lower()
     manifest = json.load(open(out / "job" / "manifest.json"))
