@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="full_pipeline.py",
         description=__doc__.split("\n\n")[0],
-        epilog="Config fields (key=value): see README 'Configuration' or the config.yaml written to every run.",
+        epilog="Config fields (key=value): every field of olr_ray/config.py, e.g. siamese.epochs=10; the resolved "
+               "config is written to <output>/<run-id>/config.yaml.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config file, applied on top of the preset")
