@@ -61,7 +61,7 @@ def stage_decoder(run, plan) -> dict[str, Any]:
     datasets = {
         # Joined once and kept in the object store: re-joining every epoch costs more than the epoch.
         "train": embedding_image_pairs(run, plan, "train").materialize(),
-        "valid": embedding_image_pairs(run, plan, eval_split(run), limit=512),
+        "valid": embedding_image_pairs(run, plan, eval_split(run), limit=512).materialize(),
     }
     res = fit(task, datasets, plan, run.path("checkpoints"), run.cfg.max_failures)
     m = res.metrics
