@@ -5,13 +5,12 @@ timings, row counts; versions; git commit), ``data/``, ``checkpoints/``, ``embed
 ``errors/``, ``analysis/``, ``metrics.json``, ``report.md``.
 
 Re-running with the same run id skips stages marked done in the manifest; an interrupted
-training stage continues from its last checkpoint (Ray Train restores it by run name).
+training stage continues from its last checkpoint (``checkpoints/<stage>/latest.json``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import platform
