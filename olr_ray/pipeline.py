@@ -195,6 +195,8 @@ def stage_classifier(run: Run, plan) -> dict[str, Any]:
     task = ClassifierTask(name="classifier", model_name="classifier",
                           model_args=dict(num_labels=len(names), image_size=info["image_size"], width=c.width),
                           weight_decay=c.weight_decay, checkpoint_dir=run.path("checkpoints", "classifier"),
+                          occlusion_prob=c.occlusion_prob, occlusion_min=run.cfg.siamese.occlusion_min,
+                          occlusion_max=run.cfg.siamese.occlusion_max, occlusion_fill=run.cfg.siamese.occlusion_fill,
                           **_task_common(run, plan, c))
     cols = ["image", "labels"]
     datasets = {
@@ -225,7 +227,8 @@ def stage_siamese(run: Run, plan) -> dict[str, Any]:
     clf = run.stage("classifier")["checkpoint"]
     task = SiameseTask(name="siamese", model_name="siamese",
                        model_args=dict(num_labels=len(names), k=s.k, image_size=info["image_size"], width=s.width,
-                                       label_kernel=s.label_kernel),
+                                       label_kernel=s.label_kernel, activation=s.activation),
+                       init_trunk_from=clf if s.init_from_classifier else "",
                        weight_decay=s.weight_decay, shuffle_buffer=None,
                        checkpoint_dir=run.path("checkpoints", "siamese"), **_task_common(run, plan, s))
     cols = ["uid", "image", "labels"]
@@ -252,7 +255,7 @@ def stage_embed(run: Run, plan) -> dict[str, Any]:
 
     from olr_ray.analysis import load_embeddings
     from olr_ray.embed import embed_dataset
-    from olr_ray.train.tasks import norm_ratio
+    from olr_ray.train.tasks import norm_ratio, norm_ratios
 
     info = run.stage("data")
     images = read_images(run, None, plan, ["uid", "image_id", "split", "labels", "image"])
@@ -264,6 +267,12 @@ def stage_embed(run: Run, plan) -> dict[str, Any]:
         raise RuntimeError(f"embedding committed {manifest['rows']} rows but {info['rows_ok']} images were readable")
     emb = load_embeddings(run.path("embeddings"), columns=["uid", "split", "labels", "norms"])
     run.metrics["siamese.norm_ratio_present_absent"] = norm_ratio(emb.norms, emb.labels)
+    # The mean of ratios is pulled up by nearly dead blocks (absent norm ~0): the median and
+    # the dead-block count say whether it is a few labels or all of them.
+    ratios = norm_ratios(emb.norms, emb.labels)
+    run.metrics["siamese.norm_ratio_present_absent_median"] = float(np.nanmedian(ratios))
+    run.metrics["siamese.norm_ratio_per_label"] = {n: float(r) for n, r in zip(info["label_names"], ratios)}
+    run.metrics["siamese.dead_blocks"] = int((emb.norms.max(0) < 1e-6).sum())
     test = emb.splits == "test"
     run.metrics["siamese.norm_ratio_present_absent_test"] = norm_ratio(emb.norms[test], emb.labels[test])
     if len(np.unique(emb.uids)) != len(emb.uids):

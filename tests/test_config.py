@@ -14,7 +14,13 @@ def test_demo_preset_is_the_documented_default():
     cfg = build_config("demo")
     assert cfg.data.source == "synthetic" and cfg.data.image_size == 64 and cfg.data.n_images >= 20_000
     assert cfg.siamese.k == 32 and cfg.siamese.occlusion_min == 0.33 and cfg.siamese.occlusion_max == 0.66
+    assert cfg.decoder.optimizer == "rmsprop" and cfg.decoder.alpha == 0.5
+
+
+def test_paper_preset_keeps_the_papers_decoder_and_occlusion():
+    cfg = build_config("paper")
     assert cfg.decoder.lr == 1e-4 and cfg.decoder.optimizer == "rmsprop" and cfg.decoder.alpha == 0.5
+    assert cfg.siamese.occlusion_prob == 1.0 and cfg.siamese.k == 32 and cfg.data.image_size == 178
 
 
 def test_overrides_are_typed_and_nested():

@@ -47,9 +47,43 @@ def test_checkpoint_round_trip_carries_constructor_args(name, tmp_path):
         assert torch.equal(again(x), model(x))
 
 
-def test_siamese_blocks_are_nonnegative():
-    model, x = _make("siamese", 32)
-    assert (model(x) >= 0).all()
+@pytest.mark.parametrize("activation", ["relu", "abs"])
+def test_siamese_blocks_are_nonnegative(activation):
+    model = create_model("siamese", num_labels=L, k=K, image_size=32, width=8, activation=activation)
+    assert (model(torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)) >= 0).all()
+
+
+def test_abs_blocks_cannot_die_where_relu_blocks_do():
+    """A label layer pushed negative everywhere: ReLU blocks are zero with no gradient, abs blocks still learn."""
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    grads = {}
+    for activation in ("relu", "abs"):
+        torch.manual_seed(0)
+        model = create_model("siamese", num_labels=L, k=K, image_size=32, width=8, activation=activation)
+        with torch.no_grad():
+            model.label_layer.weight.copy_(-model.label_layer.weight.abs())  # trunk output is >= 0 (ReLU)
+        e = model(x)
+        e.sum().backward()
+        grads[activation] = model.label_layer.weight.grad.abs().sum().item()
+        if activation == "relu":
+            assert (e == 0).all()
+    assert grads["relu"] == 0 and grads["abs"] > 0
+
+
+def test_siamese_trunk_starts_from_the_classifier(tmp_path):
+    from olr_ray.train.tasks import SiameseTask
+
+    clf = create_model("classifier", num_labels=L, image_size=32, width=8)
+    (tmp_path / "clf.pt").write_bytes(save_checkpoint(clf, "classifier"))
+    task = SiameseTask(name="siamese", model_name="siamese", label_names=list("abcde"), epochs=1, batch_size=2,
+                       lr=1e-3, model_args=dict(num_labels=L, k=K, image_size=32, width=8),
+                       init_trunk_from=str(tmp_path / "clf.pt"))
+    model = task.build_model()
+    for a, b in zip(model.trunk.state_dict().values(), clf.trunk.state_dict().values()):
+        assert torch.equal(a, b)
+    # Another width: the trunk cannot be copied, and the Siamese starts fresh instead of failing.
+    task.model_args = dict(num_labels=L, k=K, image_size=32, width=16)
+    assert task.build_model().trunk[0].weight.shape[0] == 16
 
 
 def test_decoder_geometry_follows_table_1_at_178():

@@ -52,3 +52,34 @@ def test_target_is_the_elementwise_product():
     pa, pb = np.array([[0.9, 0.1, 0.5]]), np.array([[0.8, 0.2, 1.0]])
     assert np.allclose(joint_target(pa, pb), [[0.72, 0.02, 0.5]])
     assert joint_target(pa, pb).dtype == np.float32
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), h=st.integers(8, 120), w=st.integers(8, 120))
+def test_training_occlusion_draws_one_rectangle_of_the_pairs_size_range(seed, h, w):
+    import torch
+
+    from olr_ray.train.pairs import random_occlusion
+
+    imgs = torch.full((4, h, w, 3), 255, dtype=torch.uint8)
+    out = random_occlusion(imgs, 1.0, 0.33, 0.66, "zero", torch.Generator().manual_seed(seed))
+    for img in out:
+        dark = (img == 0).all(-1)
+        rows, cols = dark.any(1).nonzero().ravel(), dark.any(0).nonzero().ravel()
+        rh, rw = len(rows), len(cols)
+        assert int(dark.sum()) == rh * rw  # one solid rectangle
+        assert rows.max() - rows.min() + 1 == rh and cols.max() - cols.min() + 1 == rw
+        assert 0.33 * h - 0.5 <= rh <= 0.66 * h + 0.5 and 0.33 * w - 0.5 <= rw <= 0.66 * w + 0.5
+    assert (imgs == 255).all()  # input untouched
+
+
+def test_training_occlusion_rate_follows_prob():
+    import torch
+
+    from olr_ray.train.pairs import random_occlusion
+
+    imgs = torch.full((2000, 16, 16, 3), 255, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(random_occlusion(imgs, 0.0, generator=g), imgs)
+    hit = (random_occlusion(imgs, 0.5, generator=g) == 0).flatten(1).any(1).float().mean()
+    assert 0.45 < float(hit) < 0.55

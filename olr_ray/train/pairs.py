@@ -31,6 +31,16 @@ def occlusion_rects(seed: int, epoch: int, uids: np.ndarray, height: int, width:
     return out
 
 
+def occluded_flags(seed: int, epoch: int, uids: np.ndarray, prob: float) -> np.ndarray:
+    """Which images of a batch are occluded: each with probability ``prob``, deterministic from
+    (seed, epoch, uid) like the rectangles. ``prob`` 1 (the paper) occludes every image."""
+    if prob >= 1:
+        return np.ones(len(uids), dtype=bool)
+    draws = np.array([np.random.default_rng([OCCLUSION_SALT + 1, seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, int(u)]).random()
+                      for u in np.asarray(uids, dtype=np.int64)])
+    return draws < prob
+
+
 def apply_occlusion(images: np.ndarray, rects: np.ndarray, fill: str = "zero", seed: int | tuple[int, ...] = 0) -> np.ndarray:
     """Copy of ``images`` (N, H, W, 3 uint8) with each rectangle filled.
 
@@ -49,6 +59,41 @@ def apply_occlusion(images: np.ndarray, rects: np.ndarray, fill: str = "zero", s
         else:
             raise ValueError(f"occlusion fill must be zero, mean or noise, got {fill!r}")
     return out
+
+
+def random_occlusion(images, prob: float, lo: float = 0.33, hi: float = 0.66, fill: str = "zero",
+                     generator=None):
+    """Torch twin of :func:`apply_occlusion` for training batches: each image of a uint8
+    (N, H, W, 3) tensor gets, with probability ``prob``, one rectangle drawn like the pairs'
+    (sides uniform in [lo, hi] of the image's, position uniform). Returns a new tensor.
+
+    The classifier trains on these so that its probabilities stay calibrated on the occluded
+    images it later labels: trained on clean images only, it reads a black rectangle as
+    evidence (measured on the demo: p(Male) of women rose from 0.07 to 0.62 under occlusion).
+    """
+    import torch
+
+    n, h, w = images.shape[:3]
+    g = generator
+    u = torch.rand(n, 5, generator=g)
+    rh = ((lo + (hi - lo) * u[:, 0]) * h).round().clamp(1, h).long()
+    rw = ((lo + (hi - lo) * u[:, 1]) * w).round().clamp(1, w).long()
+    top = (u[:, 2] * (h - rh + 1)).long().clamp(max=h - rh)
+    left = (u[:, 3] * (w - rw + 1)).long().clamp(max=w - rw)
+    ys = torch.arange(h).view(1, h, 1)
+    xs = torch.arange(w).view(1, 1, w)
+    mask = ((ys >= top.view(-1, 1, 1)) & (ys < (top + rh).view(-1, 1, 1))
+            & (xs >= left.view(-1, 1, 1)) & (xs < (left + rw).view(-1, 1, 1)) & (u[:, 4] < prob).view(-1, 1, 1))
+    mask = mask.to(images.device).unsqueeze(-1)
+    if fill == "zero":
+        value = torch.zeros((), dtype=images.dtype, device=images.device)
+    elif fill == "mean":
+        value = images.flatten(1, 2).float().mean(1).to(images.dtype).view(n, 1, 1, 3)
+    elif fill == "noise":
+        value = torch.randint(0, 256, images.shape, generator=g, dtype=torch.uint8).to(images.device)
+    else:
+        raise ValueError(f"occlusion fill must be zero, mean or noise, got {fill!r}")
+    return torch.where(mask, value, images)
 
 
 def joint_target(p_a: np.ndarray, p_b: np.ndarray) -> np.ndarray:
@@ -70,7 +115,7 @@ class PairLabeler:
 
     def __init__(self, classifier_uri: str, seed: int, epoch: int, target: str = "occlusion",
                  temperature: float = 2.0, lo: float = 0.33, hi: float = 0.66, fill: str = "zero",
-                 threads: int = 1, device: str = "cpu"):
+                 threads: int = 1, device: str = "cpu", prob: float = 1.0):
         import torch
 
         from olr_ray.models import load_checkpoint
@@ -80,7 +125,7 @@ class PairLabeler:
         self.device = torch.device(device)
         self.model.to(self.device)
         self.seed, self.epoch, self.target = seed, epoch, target
-        self.temperature, self.lo, self.hi, self.fill = temperature, lo, hi, fill
+        self.temperature, self.lo, self.hi, self.fill, self.prob = temperature, lo, hi, fill, prob
 
     def probs(self, images: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         import torch
@@ -97,6 +142,9 @@ class PairLabeler:
             h, w = images.shape[1:3]
             rects = occlusion_rects(self.seed, self.epoch, uids, h, w, self.lo, self.hi)
             fed = apply_occlusion(images, rects, self.fill, seed=(self.seed & 0xFFFFFFFF, self.epoch & 0xFFFFFFFF))
+            if self.prob < 1:
+                clean = ~occluded_flags(self.seed, self.epoch, uids, self.prob)
+                fed[clean] = images[clean]
             p = self.probs(fed)
         else:  # temperature: un-occluded images, softened probabilities
             fed = images
@@ -128,7 +176,7 @@ def pair_dataset(base, classifier_uri: str, seed: int, epoch: int, cfg, plan, sh
         fn_constructor_kwargs=dict(
             classifier_uri=classifier_uri, seed=seed, epoch=epoch, target=cfg.target,
             temperature=cfg.temperature, lo=cfg.occlusion_min, hi=cfg.occlusion_max,
-            fill=cfg.occlusion_fill, threads=1,
+            fill=cfg.occlusion_fill, threads=1, prob=cfg.occlusion_prob,
         ),
         batch_size=2 * cfg.labeler_batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),

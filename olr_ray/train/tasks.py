@@ -56,10 +56,26 @@ class BaseTask:
 
 @dataclass
 class ClassifierTask(BaseTask):
-    """Multi-label CNN trained with BCE on the observed labels."""
+    """Multi-label CNN trained with BCE on the observed labels.
+
+    A share ``occlusion_prob`` of the training images carries one random rectangle drawn like
+    the Siamese pairs' (:func:`olr_ray.train.pairs.random_occlusion`), so the probabilities that
+    later label occluded pairs are calibrated on occluded images; validation stays clean.
+    """
+
+    occlusion_prob: float = 0.0
+    occlusion_min: float = 0.33
+    occlusion_max: float = 0.66
+    occlusion_fill: str = "zero"
 
     def loss(self, model, batch) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(model(batch["image"]), batch["labels"].float())
+        images = batch["image"]
+        if self.occlusion_prob > 0:
+            from olr_ray.train.pairs import random_occlusion
+
+            images = random_occlusion(images, self.occlusion_prob, self.occlusion_min, self.occlusion_max,
+                                      self.occlusion_fill)
+        return F.binary_cross_entropy_with_logits(model(images), batch["labels"].float())
 
     def _evaluate(self, model, name: str, device) -> dict[str, Any]:
         probs, labels = [], []
@@ -93,6 +109,20 @@ class ClassifierTask(BaseTask):
 class SiameseTask(BaseTask):
     """Siamese network: MSE between row-wise dot products <E1[l], E2[l]> and the joint probability."""
 
+    init_trunk_from: str = ""
+    """Classifier checkpoint whose trunk initialises the Siamese trunk (skipped if shapes differ)."""
+
+    def build_model(self) -> torch.nn.Module:
+        model = super().build_model()
+        if self.init_trunk_from:
+            from olr_ray.models import load_checkpoint
+
+            clf, _ = load_checkpoint(self.init_trunk_from)
+            src, dst = clf.trunk.state_dict(), model.trunk.state_dict()
+            if src.keys() == dst.keys() and all(src[k].shape == dst[k].shape for k in src):
+                model.trunk.load_state_dict(src)
+        return model
+
     def train_dataset(self, epoch: int) -> str:
         # One lazily built pair pipeline per epoch: fresh pairs and occlusions, seeded by the epoch.
         return f"pairs_{epoch}"
@@ -117,6 +147,16 @@ class SiameseTask(BaseTask):
         r2 = 1.0 - float(((d - t) ** 2).sum() / ((t - t.mean()) ** 2).sum().clamp_min(1e-12))
         return {"val_loss": mse, "val_dot_r2": r2,
                 "val_norm_ratio_present_absent": norm_ratio(torch.cat(norms).numpy(), torch.cat(labels).numpy())}
+
+
+def norm_ratios(norms: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per label: mean block norm where present over where absent (NaN where one side is empty)."""
+    out = np.full(labels.shape[1], np.nan)
+    for l in range(labels.shape[1]):
+        present, absent = labels[:, l] == 1, labels[:, l] == 0
+        if present.any() and absent.any():
+            out[l] = norms[present, l].mean() / max(norms[absent, l].mean(), 1e-8)
+    return out
 
 
 def norm_ratio(norms: np.ndarray, labels: np.ndarray) -> float:
