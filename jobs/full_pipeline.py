@@ -74,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from olr_ray.pipeline import run_pipeline, summary
+    from olr_ray.storage import StorageError
 
-    run = run_pipeline(cfg, args.output, args.run_id, stages)
+    try:
+        run = run_pipeline(cfg, args.output, args.run_id, stages)
+    except StorageError as exc:  # the message names the operation and the URI, never a credential
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print()
     print(summary(run))
     return 0

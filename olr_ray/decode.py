@@ -67,4 +67,6 @@ def stage_decoder(run, plan) -> dict[str, Any]:
     m = res.metrics
     run.metrics.update({"decoder.val_loss": m["val_loss"], "decoder.val_ssim": m["val_ssim"],
                         "decoder.val_psnr": m["val_psnr"], "decoder.epochs": m["epoch"]})
-    return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"]}
+    from olr_ray.pipeline import train_retries
+
+    return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"], "storage_retries": train_retries(res)}

@@ -114,35 +114,41 @@ class Embedder:
 
 
 def write_part(table: pa.Table, staging_uri: str, schema_metadata: dict[str, str]) -> pa.Table:
-    """Write one batch to ``staging/part-<min uid>.parquet`` with the file metadata; return its name and rows."""
+    """Write one batch to ``staging/part-<min uid>.parquet`` with the file metadata.
+
+    Returns its name, rows and the storage retries the write needed (for the manifest).
+    """
     if table.num_rows == 0:
-        return pa.table({"file": pa.array([], pa.string()), "rows": pa.array([], pa.int64())})
+        return pa.table({"file": pa.array([], pa.string()), "rows": pa.array([], pa.int64()),
+                         "retries": pa.array([], pa.int64())})
     table = table.replace_schema_metadata(schema_metadata)
     name = f"part-{int(pa.compute.min(table['uid']).as_py()):010d}.parquet"
-    fs, path = storage.resolve(storage.join(staging_uri, name))
-    if not storage.is_s3(staging_uri):
-        import os
-
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(table, path, filesystem=fs, compression="zstd")
-    return pa.table({"file": [name], "rows": [table.num_rows]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    before = storage.retry_count()
+    storage.write_bytes(storage.join(staging_uri, name), sink.getvalue().to_pybytes())
+    return pa.table({"file": [name], "rows": [table.num_rows], "retries": [storage.retry_count() - before]})
 
 
 def commit(embeddings_uri: str, staging_uri: str, parts: list[tuple[str, int]], manifest: dict[str, Any]) -> dict:
-    """Make the staged files the dataset: remove the old marker, move files in, manifest, then ``_SUCCESS``."""
+    """Make the staged files the dataset: remove the old marker, move files in, manifest, then ``_SUCCESS``.
+
+    Readers go through ``_SUCCESS`` and the manifest's file list, so until the marker is back
+    nothing half-moved is visible to them; a commit interrupted here is redone by a re-run.
+    """
+    before = storage.retry_count()
     success = storage.join(embeddings_uri, SUCCESS)
-    if storage.exists(success):
-        storage.resolve(success)[0].delete_file(storage.resolve(success)[1])
+    storage.delete_file(success)
     keep = {name for name, _ in parts}
-    fs, _ = storage.resolve(embeddings_uri)
     for old in storage.list_files(embeddings_uri, ".parquet"):
         rel = old[len(embeddings_uri.rstrip("/")) + 1:]
         if "/" not in rel and rel not in keep:  # a leftover of an earlier, different commit
-            fs.delete_file(storage.resolve(old)[1])
+            storage.delete_file(old)
     for name, _ in parts:
-        fs.move(storage.resolve(storage.join(staging_uri, name))[1], storage.resolve(storage.join(embeddings_uri, name))[1])
+        storage.move(storage.join(staging_uri, name), storage.join(embeddings_uri, name))
     manifest = {**manifest, "files": [{"path": n, "rows": r} for n, r in sorted(parts)],
                 "rows": int(sum(r for _, r in parts)), "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    manifest["storage_retries"] = int(manifest.get("storage_retries", 0)) + storage.retry_count() - before
     storage.write_json(storage.join(embeddings_uri, MANIFEST), manifest)
     storage.write_bytes(success, b"")
     storage.delete_dir(storage.join(embeddings_uri, STAGING))
@@ -184,7 +190,8 @@ def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_u
         write_part, fn_kwargs=dict(staging_uri=staging, schema_metadata=metadata),
         batch_size=rows_per_file, batch_format="pyarrow", num_cpus=plan.task_cpus,
     )
-    parts = [(r["file"], int(r["rows"])) for r in written.take_all()]
+    rows = written.take_all()
+    parts = [(r["file"], int(r["rows"])) for r in rows]
     names = [p[0] for p in parts]
     if len(names) != len(set(names)):
         raise RuntimeError(f"embedding write produced duplicate file names under {staging}")
@@ -193,5 +200,6 @@ def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_u
         "run_id": run_id, "model": siamese_uri, "classifier": classifier_uri, "label_names": label_names, "k": k,
         "schema": schema.to_string(show_schema_metadata=False), "olr_ray_version": olr_ray.__version__,
         "config": config or {},
+        "storage_retries": int(sum(int(r["retries"]) for r in rows)),
     }
     return commit(embeddings_uri, staging, parts, manifest)

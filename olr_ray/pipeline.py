@@ -88,6 +88,10 @@ class Run:
         return run
 
     def save(self) -> None:
+        # S3 retries (throttling, 5xx) counted by this process and reported by each stage's workers.
+        per_stage = {n: int(st.get("storage_retries", 0)) for n, st in self.manifest["stages"].items()}
+        driver = storage.retry_count()
+        self.manifest["storage_retries"] = {"driver": driver, **per_stage, "total": driver + sum(per_stage.values())}
         storage.write_json(self.path("manifest.json"), self.manifest)
         storage.write_json(self.path("metrics.json"), self.metrics)
 
@@ -213,7 +217,13 @@ def stage_classifier(run: Run, plan) -> dict[str, Any]:
         "classifier.val_loss": m["val_loss"],
         "classifier.epochs": m["epoch"],
     })
-    return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"], "train_samples_last_epoch": m["train_samples"]}
+    return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"], "train_samples_last_epoch": m["train_samples"],
+            "storage_retries": train_retries(res)}
+
+
+def train_retries(res) -> int:
+    """Storage retries of rank 0 over every attempt of a training stage (from its checkpoint history)."""
+    return int(sum(h.get("storage_retries", 0) for h in res.history[-1:]))
 
 
 def stage_siamese(run: Run, plan) -> dict[str, Any]:
@@ -247,7 +257,8 @@ def stage_siamese(run: Run, plan) -> dict[str, Any]:
         "siamese.target": s.target,
         "siamese.epochs": m["epoch"],
     })
-    return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"], "pairs_last_epoch": m["train_samples"]}
+    return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"], "pairs_last_epoch": m["train_samples"],
+            "storage_retries": train_retries(res)}
 
 
 def stage_embed(run: Run, plan) -> dict[str, Any]:
@@ -277,7 +288,8 @@ def stage_embed(run: Run, plan) -> dict[str, Any]:
     run.metrics["siamese.norm_ratio_present_absent_test"] = norm_ratio(emb.norms[test], emb.labels[test])
     if len(np.unique(emb.uids)) != len(emb.uids):
         raise RuntimeError("embedding output has duplicate uids")
-    return {"rows": manifest["rows"], "files": len(manifest["files"]), "uri": run.path("embeddings")}
+    return {"rows": manifest["rows"], "files": len(manifest["files"]), "uri": run.path("embeddings"),
+            "storage_retries": manifest.get("storage_retries", 0)}
 
 
 StageFn = Callable[[Run, Any], dict[str, Any]]
@@ -296,8 +308,12 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
     """Run (or resume) the pipeline; returns the run with its manifest and metrics."""
     from olr_ray.runtime import init_ray, plan_resources
 
-    init_ray()
+    # Storage first: bad credentials, a denied or missing bucket fail here, in seconds, before
+    # a Ray cluster is started or joined.
     run = Run.open(cfg, output, run_id or default_run_id(cfg))
+    if storage.is_s3(cfg.data.source):
+        storage.list_files(cfg.data.source.rstrip("/") + "/list_attr_celeba.txt")
+    init_ray()
     plan = plan_resources(cfg.num_workers, cfg.use_gpu)
     run.manifest["resources"] = plan.__dict__
     fns = stage_functions()

@@ -33,16 +33,25 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
+def max_attempts() -> int:
+    """Attempts per S3 request (``OLR_S3_MAX_ATTEMPTS``, default 10)."""
+    return int(os.environ.get("OLR_S3_MAX_ATTEMPTS", "10"))
+
+
+def s3_filesystem(sdk_retries: bool = True) -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem configured from the standard AWS environment.
 
     Credentials are left to the AWS SDK's default chain (environment, config files,
     instance or pod role), so no secret passes through this code.
+
+    ``sdk_retries``: let the AWS SDK retry transient errors itself (for Parquet reads by
+    pyarrow and Ray Data). This module's own operations pass False and retry in
+    :func:`_call`, where every retry is counted (:func:`retry_count`).
     """
     kwargs: dict[str, Any] = {
         # Bounded retries: S3's 503 SlowDown and transient network errors are retried with
         # backoff, a dead endpoint or a wrong bucket fails within seconds instead of hanging.
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=int(os.environ.get("OLR_S3_MAX_ATTEMPTS", "10"))),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts() if sdk_retries else 1),
         "connect_timeout": 5,
         "request_timeout": 30,
     }
@@ -57,11 +66,11 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+def resolve(uri: str, sdk_retries: bool = True) -> tuple[pafs.FileSystem, str]:
     """Split a URI into (filesystem, path inside it)."""
     if is_s3(uri):
         path = uri.split("://", 1)[1].rstrip("/")
-        return s3_filesystem(), path
+        return s3_filesystem(sdk_retries), path
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(f"unsupported URI scheme in {uri!r}: expected a local path or s3://bucket/prefix")
     path = uri[len("file://"):] if uri.startswith("file://") else uri
@@ -87,35 +96,57 @@ def _wrap(op: str, uri: str, exc: BaseException) -> StorageError:
     return StorageError(redact(f"{op} {uri} failed: {type(exc).__name__}: {exc}"))
 
 
+# Throttling, 5xx and dropped connections: worth another attempt. Anything else (access denied,
+# bad credentials, missing bucket) fails at once, so a misconfigured job stops in seconds.
+_TRANSIENT = re.compile(r"SLOW_?DOWN|SlowDown|SERVICE_UNAVAILABLE|ServiceUnavailable|INTERNAL_FAILURE|InternalError"
+                        r"|THROTTL|Throttl|NETWORK_CONNECTION|Connection reset|timed out|HTTP response code: 5\d\d"
+                        r"|\b50[0-4]\b")
+_RETRIES = {"count": 0}
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and bool(_TRANSIENT.search(str(exc)))
+
+
+def retry_count() -> int:
+    """Storage retries made by this process so far (what the manifest reports)."""
+    return _RETRIES["count"]
+
+
+def _call(op: str, uri: str, fn, label: str | None = None):
+    """Run ``fn(fs, path)`` with counted retries of transient S3 errors, exponential backoff."""
+    fs, path = resolve(uri, sdk_retries=False)
+    attempts = max_attempts() if is_s3(uri) else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(fs, path)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the URI named
+            if attempt < attempts and is_transient(exc):
+                _RETRIES["count"] += 1
+                time.sleep(min(2.0, 0.05 * 2 ** (attempt - 1)))
+                continue
+            raise _wrap(op, label or uri, exc) from exc
+
+
 def exists(uri: str) -> bool:
-    fs, path = resolve(uri)
-    try:
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
-    except Exception as exc:  # noqa: BLE001 - re-raised with the URI named
-        raise _wrap("stat", uri, exc) from exc
+    return _call("stat", uri, lambda fs, path: fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 def makedirs(uri: str) -> None:
-    fs, path = resolve(uri)
-    try:
-        fs.create_dir(path, recursive=True)
-    except Exception as exc:  # noqa: BLE001
-        raise _wrap("mkdir", uri, exc) from exc
+    _call("mkdir", uri, lambda fs, path: fs.create_dir(path, recursive=True))
 
 
 def read_bytes(uri: str) -> bytes:
-    fs, path = resolve(uri)
-    try:
+    def read(fs, path):
         with fs.open_input_stream(path) as f:
             return f.read()
-    except Exception as exc:  # noqa: BLE001
-        raise _wrap("read", uri, exc) from exc
+
+    return _call("read", uri, read)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object; on a local disk via a temporary file and an atomic rename."""
-    fs, path = resolve(uri)
-    try:
+    def write(fs, path):
         if isinstance(fs, pafs.LocalFileSystem):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
@@ -125,8 +156,31 @@ def write_bytes(uri: str, data: bytes) -> None:
         else:
             with fs.open_output_stream(path) as f:
                 f.write(data)
-    except Exception as exc:  # noqa: BLE001
-        raise _wrap("write", uri, exc) from exc
+
+    _call("write", uri, write)
+
+
+def delete_file(uri: str, missing_ok: bool = True) -> None:
+    def delete(fs, path):
+        if missing_ok and fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return
+        fs.delete_file(path)
+
+    _call("delete", uri, delete)
+
+
+def move(src: str, dst: str) -> None:
+    """Rename a file (S3: copy then delete; retried as a whole, so a repeated attempt is harmless)."""
+    _, dst_path = resolve(dst)
+
+    def mv(fs, path):
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+        elif fs.get_file_info(path).type == pafs.FileType.NotFound and fs.get_file_info(dst_path).type == pafs.FileType.File:
+            return  # an earlier attempt moved it and then lost the reply
+        fs.move(path, dst_path)
+
+    _call("move", src, mv, label=f"{src} -> {dst}")
 
 
 def read_json(uri: str) -> Any:
@@ -139,30 +193,25 @@ def write_json(uri: str, obj: Any) -> None:
 
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Files directly or recursively under ``uri`` ending in ``suffix``, as URIs, sorted."""
-    fs, path = resolve(uri)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except Exception as exc:  # noqa: BLE001
-        raise _wrap("list", uri, exc) from exc
+    infos = _call("list", uri, lambda fs, path: fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)))
     prefix = uri.split("://", 1)[0] + "://" if is_s3(uri) else ""
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
 def delete_dir(uri: str) -> None:
-    fs, path = resolve(uri)
-    try:
+    def delete(fs, path):
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             fs.delete_dir(path)
-    except Exception as exc:  # noqa: BLE001
-        raise _wrap("delete", uri, exc) from exc
+
+    _call("delete", uri, delete)
 
 
 def copy_file(src: str, dst: str) -> None:
-    fs, src_path = resolve(src)
     _, dst_path = resolve(dst)
-    try:
+
+    def copy(fs, src_path):
         if isinstance(fs, pafs.LocalFileSystem):
             os.makedirs(os.path.dirname(dst_path), exist_ok=True)
         fs.copy_file(src_path, dst_path)
-    except Exception as exc:  # noqa: BLE001
-        raise _wrap("copy", f"{src} -> {dst}", exc) from exc
+
+    _call("copy", src, copy, label=f"{src} -> {dst}")

@@ -51,10 +51,7 @@ def save_epoch(checkpoint_dir: str, epoch: int, blob: bytes, keep: int = 2) -> s
     storage.write_bytes(uri, blob)
     storage.write_json(storage.join(checkpoint_dir, LATEST), {"epoch": epoch + 1, "file": epoch_file(epoch)})
     for old in range(max(0, epoch + 1 - keep - 3), epoch + 1 - keep):
-        old_uri = storage.join(checkpoint_dir, epoch_file(old))
-        if storage.exists(old_uri):
-            fs, path = storage.resolve(old_uri)
-            fs.delete_file(path)
+        storage.delete_file(storage.join(checkpoint_dir, epoch_file(old)))
     return uri
 
 
@@ -120,6 +117,9 @@ def train_func(config: dict[str, Any]) -> None:
             count += n
         train_loss = _all_mean(total / max(count, 1), count)
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "train_samples": count * world}
+        if state is not None:
+            # This attempt resumed (a re-run, or a restart after a lost worker): say from where.
+            metrics["resumed_after_epoch"] = state["epoch"] + 1
         if rank == 0:
             model.eval()
             with torch.inference_mode():
@@ -128,6 +128,7 @@ def train_func(config: dict[str, Any]) -> None:
             history.append(metrics)
             log.info("[%s] epoch %d/%d %s", task.name, epoch + 1, task.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+            metrics["storage_retries"] = storage.retry_count()  # this process's, cumulative
             blob = save_checkpoint(model, task.model_name, extra={
                 "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
                 "label_names": task.label_names,
