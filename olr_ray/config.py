@@ -36,7 +36,8 @@ class DataConfig:
     n_images: int = 20_000
     """Number of images to draw when ``source`` is ``synthetic``."""
     image_size: int = 64
-    """Square side after centre crop and resize (CelebA 218x178 becomes 178x178 at 178)."""
+    """Square side after centre crop and resize (CelebA 218x178 becomes 178x178 at 178). A folder of
+    smaller images is never scaled up: it runs at its own size."""
     label_noise: float = 0.02
     """Synthetic only: fraction of observed labels flipped, imitating CelebA's ambiguous labels."""
     drop_labels: list[str] = field(default_factory=lambda: ["Wearing_Necklace", "Wearing_Necktie"])

@@ -162,6 +162,23 @@ def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: f
     return index, names
 
 
+def native_size(uri: str, probe: int = 8) -> int | None:
+    """Side of the folder's images after the centre crop (the smaller side), from the first
+    readable of a few image headers; None if none of them can be read."""
+    import io
+
+    from PIL import Image
+
+    files = storage.list_files(storage.join(uri, IMAGE_DIR))[:probe]
+    for f in files:
+        try:
+            with Image.open(io.BytesIO(storage.read_bytes(f))) as img:
+                return min(img.size)
+        except Exception:  # noqa: BLE001 - an unreadable image is reported by the reader itself
+            continue
+    return None
+
+
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """Decode, centre-crop to a square and resize to ``size`` x ``size`` RGB uint8."""
     from PIL import Image

@@ -57,6 +57,9 @@ def open_source(cfg: DataConfig, seed: int) -> Source:
                            test_fraction=cfg.test_fraction),
         )
         return Source(ds, names, cfg.n_images, cfg.image_size, "synthetic")
-    ds, names, n = celeba.read_celeba(cfg.source, cfg.image_size, cfg.drop_labels, seed, cfg.test_fraction,
-                                      cfg.max_images)
-    return Source(ds, names, n, cfg.image_size, "celeba-format")
+    # Sizes follow the data: images are cropped and scaled down to data.image_size, never up, so a
+    # folder of smaller images trains at its own size with any preset.
+    native = celeba.native_size(cfg.source)
+    size = min(cfg.image_size, native) if native else cfg.image_size
+    ds, names, n = celeba.read_celeba(cfg.source, size, cfg.drop_labels, seed, cfg.test_fraction, cfg.max_images)
+    return Source(ds, names, n, size, "celeba-format")
