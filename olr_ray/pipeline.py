@@ -240,7 +240,7 @@ def stage_siamese(run: Run, plan) -> dict[str, Any]:
     task = SiameseTask(name="siamese", model_name="siamese",
                        model_args=dict(num_labels=len(names), k=s.k, image_size=info["image_size"], width=s.width,
                                        label_kernel=s.label_kernel, activation=s.activation),
-                       init_trunk_from=clf if s.init_from_classifier else "",
+                       init_trunk_from=clf if s.init_from_classifier else "", lr_schedule=s.lr_schedule,
                        weight_decay=s.weight_decay, shuffle_buffer=None,
                        checkpoint_dir=run.path("checkpoints", "siamese"), **_task_common(run, plan, s))
     cols = ["uid", "image", "labels"]

@@ -54,3 +54,22 @@ def test_rerun_resumes_at_the_next_epoch(tiny, tmp_path):
     # Nothing left to do: a re-run trains nothing and returns the same final metrics.
     third = fit(_task(tmp_path, 3), data, plan_resources(0), str(tmp_path / "checkpoints"))
     assert third.metrics["epoch"] == 3 and len(third.history) == 3
+
+
+def test_cosine_schedule_decays_per_epoch_and_resumes_where_it_left(tiny, tmp_path):
+    import math
+
+    import torch
+
+    ds, val = tiny
+    task = _task(tmp_path, 3)
+    task.lr_schedule = "cosine"
+    res = fit(task, {"train": ds, "valid": val, "test": val}, plan_resources(0), str(tmp_path / "checkpoints"))
+    expected = [3e-3 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]
+    assert [h["lr"] for h in res.history] == pytest.approx(expected)
+    # A resumed attempt starts at the schedule's value for its epoch, not at the base rate.
+    opt = torch.optim.AdamW(task.build_model().parameters(), lr=3e-3)
+    task.build_scheduler(opt, start_epoch=2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected[2])
+    # The default keeps the rate constant.
+    assert _task(tmp_path, 3).build_scheduler(opt, 0) is None

@@ -91,6 +91,7 @@ def train_func(config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
             log.info("[%s] resuming after epoch %d from %s", task.name, state["epoch"] + 1, task.checkpoint_dir)
+    scheduler = task.build_scheduler(optimizer, start_epoch)
     model = ray.train.torch.prepare_model(model) if world > 1 or torch.cuda.is_available() else model
     device = ray.train.torch.get_device() if (world > 1 or torch.cuda.is_available()) else torch.device("cpu")
     # Ranks seed identically for the model init above (DDP broadcasts rank 0's anyway), then diverge here.
@@ -115,8 +116,12 @@ def train_func(config: dict[str, Any]) -> None:
             n = len(next(iter(batch.values())))
             total += float(loss.detach()) * n
             count += n
+        lr = optimizer.param_groups[0]["lr"]
+        if scheduler is not None:
+            scheduler.step()
         train_loss = _all_mean(total / max(count, 1), count)
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "train_samples": count * world}
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "train_samples": count * world,
+                                   "lr": lr}
         if state is not None:
             # This attempt resumed (a re-run, or a restart after a lost worker): say from where.
             metrics["resumed_after_epoch"] = state["epoch"] + 1

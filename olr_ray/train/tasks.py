@@ -31,6 +31,8 @@ class BaseTask:
     threads: int = 1
     shuffle_buffer: int | None = 1024
     optimizer: str = "adamw"
+    lr_schedule: str = "constant"
+    """``constant`` or ``cosine`` (per-epoch cosine decay to 0 over ``epochs``)."""
     checkpoint_dir: str = ""
     """``<run>/checkpoints/<stage>``: where each epoch's checkpoint and ``latest.json`` go."""
 
@@ -43,6 +45,15 @@ class BaseTask:
         if self.optimizer == "adam":
             return torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         return torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, start_epoch: int):
+        """The per-epoch learning-rate schedule, advanced to ``start_epoch`` on resume (None: constant)."""
+        if self.lr_schedule != "cosine":
+            return None
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
+        for _ in range(start_epoch):
+            scheduler.step()
+        return scheduler
 
     def train_dataset(self, epoch: int) -> str:
         return "train"
