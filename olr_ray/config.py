@@ -105,9 +105,9 @@ class SiameseConfig:
     activation: Literal["relu", "abs"] = "abs"
     """How blocks are kept non-negative: ``relu`` before pooling (blocks of rare labels can die:
     all zeros, no gradient) or ``abs`` after pooling (never dies)."""
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    """Per-epoch learning rate: constant, or cosine decay to 0 (in one process, 3 epochs: R^2 0.914 -> 0.957;
-    not yet validated on the demo)."""
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """Per-epoch learning rate: constant, or cosine decay to 0. On the demo, cosine against constant:
+    dot R^2 0.939 vs 0.907, norm ratio 3.41 vs 2.90, probe gap +0.1 vs -0.7 points."""
     init_from_classifier: bool = True
     """Start the Siamese trunk from the trained classifier's trunk (same width only): it already
     detects the labels, so the label layer learns from the first step."""
