@@ -239,7 +239,8 @@ def stage_siamese(run: Run, plan) -> dict[str, Any]:
     clf = run.stage("classifier")["checkpoint"]
     task = SiameseTask(name="siamese", model_name="siamese",
                        model_args=dict(num_labels=len(names), k=s.k, image_size=info["image_size"], width=s.width,
-                                       label_kernel=s.label_kernel, activation=s.activation),
+                                       label_kernel=s.label_kernel, activation=s.activation,
+                                       floor=s.block_floor),
                        init_trunk_from=clf if s.init_from_classifier else "", lr_schedule=s.lr_schedule,
                        weight_decay=s.weight_decay, shuffle_buffer=None,
                        checkpoint_dir=run.path("checkpoints", "siamese"), **_task_common(run, plan, s))
@@ -250,7 +251,8 @@ def stage_siamese(run: Run, plan) -> dict[str, Any]:
     # Validation pairs are fixed (epoch -1, no shuffle) so every epoch is measured on the same pairs.
     # Materialised once: re-running the pipeline (and starting a labelling actor) every epoch
     # cost ~10 s an epoch.
-    datasets["valid"] = pair_dataset(val, clf, run.cfg.seed, -1, s, plan, shuffle=False).materialize()
+    datasets["valid"] = pair_dataset(val, clf, run.cfg.seed, -1, s, plan, shuffle=False,
+                                     label_pairs=False).materialize()
     res = fit(task, datasets, plan, run.path("checkpoints"), run.cfg.max_failures,
               split=[f"pairs_{e}" for e in range(s.epochs)])
     m = res.metrics
@@ -287,7 +289,12 @@ def stage_embed(run: Run, plan) -> dict[str, Any]:
     ratios = norm_ratios(emb.norms, emb.labels)
     run.metrics["siamese.norm_ratio_present_absent_median"] = float(np.nanmedian(ratios))
     run.metrics["siamese.norm_ratio_per_label"] = {n: float(r) for n, r in zip(info["label_names"], ratios)}
-    run.metrics["siamese.dead_blocks"] = int((emb.norms.max(0) < 1e-6).sum())
+    # Dead: a block that stays at its floor (block_floor on every coordinate, norm floor*sqrt(k))
+    # on 99% of the images, i.e. carries nothing.
+    floor_norm = run.cfg.siamese.block_floor * np.sqrt(run.cfg.siamese.k)
+    dead = np.quantile(emb.norms, 0.99, axis=0) <= floor_norm * 1.05 + 1e-6
+    run.metrics["siamese.dead_blocks"] = int(dead.sum())
+    run.metrics["siamese.dead_block_labels"] = [n for n, d in zip(info["label_names"], dead) if d]
     test = emb.splits == "test"
     run.metrics["siamese.norm_ratio_present_absent_test"] = norm_ratio(emb.norms[test], emb.labels[test])
     if len(np.unique(emb.uids)) != len(emb.uids):

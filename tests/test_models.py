@@ -47,17 +47,18 @@ def test_checkpoint_round_trip_carries_constructor_args(name, tmp_path):
         assert torch.equal(again(x), model(x))
 
 
-@pytest.mark.parametrize("activation", ["relu", "abs"])
+@pytest.mark.parametrize("activation", ["relu", "abs", "relu_leaky_grad"])
 def test_siamese_blocks_are_nonnegative(activation):
     model = create_model("siamese", num_labels=L, k=K, image_size=32, width=8, activation=activation)
     assert (model(torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)) >= 0).all()
 
 
-def test_abs_blocks_cannot_die_where_relu_blocks_do():
-    """A label layer pushed negative everywhere: ReLU blocks are zero with no gradient, abs blocks still learn."""
+def test_abs_and_leaky_grad_blocks_cannot_die_where_relu_blocks_do():
+    """A label layer pushed negative everywhere: ReLU blocks are zero with no gradient; abs and
+    relu_leaky_grad blocks still learn, and relu_leaky_grad blocks are exactly zero like ReLU's."""
     x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     grads = {}
-    for activation in ("relu", "abs"):
+    for activation in ("relu", "abs", "relu_leaky_grad"):
         torch.manual_seed(0)
         model = create_model("siamese", num_labels=L, k=K, image_size=32, width=8, activation=activation)
         with torch.no_grad():
@@ -65,9 +66,30 @@ def test_abs_blocks_cannot_die_where_relu_blocks_do():
         e = model(x)
         e.sum().backward()
         grads[activation] = model.label_layer.weight.grad.abs().sum().item()
-        if activation == "relu":
+        if activation != "abs":
             assert (e == 0).all()
-    assert grads["relu"] == 0 and grads["abs"] > 0
+    assert grads["relu"] == 0 and grads["abs"] > 0 and grads["relu_leaky_grad"] > 0
+
+
+def test_block_floor_keeps_the_pair_loss_alive_where_both_blocks_are_zero():
+    """Two images whose blocks are all zero: <E1, E2> has zero gradient, whatever the activation's
+    own gradient; a floor on every coordinate lets the loss lift them again."""
+    from olr_ray.models.nets import pair_dots
+
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    grads = {}
+    for floor in (0.0, 0.01):
+        torch.manual_seed(0)
+        model = create_model("siamese", num_labels=L, k=K, image_size=32, width=8,
+                             activation="relu_leaky_grad", floor=floor)
+        with torch.no_grad():
+            model.label_layer.weight.copy_(-model.label_layer.weight.abs())
+        e = model(x)
+        assert torch.allclose(e, torch.full_like(e, floor))
+        loss = (pair_dots(e[:2], e[2:]) - 0.5).pow(2).mean()  # targets well above the dots
+        loss.backward()
+        grads[floor] = model.label_layer.weight.grad.abs().sum().item()
+    assert grads[0.0] == 0 and grads[0.01] > 0
 
 
 def test_siamese_trunk_starts_from_the_classifier(tmp_path):

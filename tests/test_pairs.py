@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from olr_ray.train.pairs import apply_occlusion, joint_target, occlusion_rects
+from olr_ray.train.pairs import apply_occlusion, joint_target, occlusion_rects, pair_order
 
 
 @settings(max_examples=200, deadline=None)
@@ -83,3 +83,35 @@ def test_training_occlusion_rate_follows_prob():
     assert torch.equal(random_occlusion(imgs, 0.0, generator=g), imgs)
     hit = (random_occlusion(imgs, 0.5, generator=g) == 0).flatten(1).any(1).float().mean()
     assert 0.45 < float(hit) < 0.55
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 1000), n=st.integers(0, 300), share=st.sampled_from([0.0, 0.3, 1.0]))
+def test_pairing_uses_every_row_at_most_once(seed, n, share):
+    labels = (np.random.default_rng(seed).random((n, 5)) < 0.2).astype(np.int8)
+    order = pair_order(seed, 1, np.arange(n) + 1000, labels, share)
+    assert len(order) == n // 2 * 2 and len(set(order.tolist())) == len(order)
+    assert ((0 <= order) & (order < max(n, 1))).all()
+
+
+def test_label_pairs_make_rare_labels_meet_and_keep_batches_mixed():
+    rng = np.random.default_rng(0)
+    prevalence = np.array([0.03, 0.5, 0.2, 0.8])
+    labels = (rng.random((4096, 4)) < prevalence).astype(np.int8)
+    uids = np.arange(4096)
+
+    def both(share):
+        o = pair_order(7, 3, uids, labels, share)
+        return (labels[o[0::2]] & labels[o[1::2]]).mean(0)
+
+    random, half = both(0.0), both(0.5)
+    assert abs(random[0] - 0.03**2) < 0.002  # share 0: neighbours of a shuffled batch, i.e. random pairs
+    assert half[0] > 10 * 0.03**2            # the rare label meets itself far more often
+    assert half[3] > 0.6                     # common labels still pair with themselves as often
+    # The pairs come out in random order, not grouped by label: the first 64 pairs hold several kinds.
+    o = pair_order(7, 3, uids, labels, 1.0)
+    first = labels[o[0:128:2]]
+    assert len({tuple(r) for r in first}) > 5
+    # Deterministic from (seed, epoch, uid), fresh each epoch.
+    assert np.array_equal(o, pair_order(7, 3, uids, labels, 1.0))
+    assert not np.array_equal(o, pair_order(7, 4, uids, labels, 1.0))
