@@ -290,6 +290,8 @@ def test_plots_write_pngs(tmp_path) -> None:
             {"train_loss": [1.0, 0.5, 0.3], "val_loss": [1.1, 0.7, 0.6], "val_acc": [0.5, 0.7, 0.8]},
             str(tmp_path / "curves.png"),
         ),
+        P.plot_per_label_bars({"add": [0.1, np.nan, 0.9, 0.5, 0.0, 1.0], "remove": [0.5] * L}, names,
+                              str(tmp_path / "per_label.png"), "Editing success per label", bar=0.7),
     ]
     for p in paths:
         assert _is_png(p), p
@@ -298,6 +300,8 @@ def test_plots_write_pngs(tmp_path) -> None:
 def test_plot_checks_shapes(tmp_path) -> None:
     with pytest.raises(ValueError, match="len\\(names\\)"):
         P.plot_correlation_heatmap(np.eye(3), ["a", "b"], str(tmp_path / "x.png"), "t")
+    with pytest.raises(ValueError, match="series 'add' has 2 values for 3 labels"):
+        P.plot_per_label_bars({"add": [0.1, 0.2]}, ["a", "b", "c"], str(tmp_path / "y.png"), "t")
 
 
 # ------------------------------------------------------------------ report

@@ -280,6 +280,47 @@ def plot_pca_variance(evr: Sequence[float], path: str, label_name: str) -> str:
     return _save(fig, path)
 
 
+def plot_per_label_bars(series: dict[str, Sequence[float]], names: Sequence[str], path: str, title: str,
+                        ylabel: str = "fraction", bar: float | None = None) -> str:
+    """Grouped horizontal bars, one row per label (e.g. add and remove success per label).
+
+    Args:
+        series: Series name -> one value per label (NaN: not measured, drawn as no bar).
+        names: Label names, in the series' order.
+        path: Output PNG path.
+        title: Figure title.
+        ylabel: Axis label for the values.
+        bar: Optional target drawn as a dashed vertical line.
+
+    Returns:
+        ``path``.
+    """
+    if not series:
+        raise ValueError("series is empty")
+    n = len(names)
+    for key, vals in series.items():
+        if len(vals) != n:
+            raise ValueError(f"series {key!r} has {len(vals)} values for {n} labels")
+    fig = _new_figure(7.0, 0.2 * n + 1.4)
+    ax = fig.add_subplot(1, 1, 1)
+    y = np.arange(n)
+    h = 0.8 / len(series)
+    for i, (key, vals) in enumerate(series.items()):
+        ax.barh(y + (i - (len(series) - 1) / 2) * h, np.nan_to_num(np.asarray(vals, float)), height=h, label=key)
+    if bar is not None:
+        ax.axvline(bar, ls="--", color="k", lw=1, label=f"target {bar:g}")
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(ylabel)
+    ax.set_title(title, pad=24)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series) + 1, frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 _SPLIT_PREFIXES = ("train_", "val_", "valid_", "test_")
 
 

@@ -125,6 +125,8 @@ def stage_analysis(run, plan) -> dict[str, Any]:
         E0 = test.E[:n_edit]
         base_probs = classify_reconstruction(clf, _batched(decoder.reconstruct, torch.from_numpy(E0)), size)
         add, rem, keep_add, keep_rem = [], [], [], []
+        add_by_label = np.full(len(names), np.nan)
+        rem_by_label = np.full(len(names), np.nan)
         by_scale: dict[float, list[float]] = {s: [] for s in cfg.edit_scales}
         for l in range(len(names)):
             if g["empty"][l]:
@@ -136,18 +138,25 @@ def stage_analysis(run, plan) -> dict[str, Any]:
                 if not np.isnan(r["target_success"]):
                     by_scale[s].append(r["target_success"])
                 if s == 1.0:
+                    add_by_label[l] = r["target_success"]
                     if not np.isnan(r["target_success"]):
                         add.append(r["target_success"])
                     keep_add.append(r["others_preserved"])
             Er = M.edit_embeddings(E0, l, "remove", g)
             pr = classify_reconstruction(clf, _batched(decoder.reconstruct, torch.from_numpy(Er)), size)
             r = M.editing_success(base_probs, pr, l, "remove")
+            rem_by_label[l] = r["target_success"]
             if not np.isnan(r["target_success"]):
                 rem.append(r["target_success"])
             keep_rem.append(r["others_preserved"])
         out["editing.add_success"] = float(np.mean(add)) if add else float("nan")
         out["editing.remove_success"] = float(np.mean(rem)) if rem else float("nan")
         out["editing.others_preserved"] = float(np.mean(keep_add + keep_rem)) if keep_add else float("nan")
+        out["editing.add_success_per_label"] = {n: float(v) for n, v in zip(names, add_by_label)}
+        out["editing.remove_success_per_label"] = {n: float(v) for n, v in zip(names, rem_by_label)}
+        figs["Editing success per label (judged by the classifier on the decoded images)"] = P.plot_per_label_bars(
+            {"add (s=1)": add_by_label, "remove": rem_by_label}, names, fig("editing_per_label.png"),
+            "Editing success per label", ylabel="fraction of eligible test images", bar=0.7)
         out["editing.add_success_by_scale"] = {str(s): float(np.mean(v)) if v else float("nan") for s, v in by_scale.items()}
         figs.update(_editing_figures(decoder, g, E0, names, cfg.edit_scales, fig, run.cfg.seed))
 
