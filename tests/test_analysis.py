@@ -208,6 +208,17 @@ def test_editing_success_exact_fractions() -> None:
     assert math.isnan(M.editing_success(after, after, 0, "add", threshold=0.0)["target_success"])
 
 
+def test_per_label_recall_counts_only_images_that_have_the_label() -> None:
+    y = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [1, 0, 0]])
+    probs = np.array([[0.9, 0.9, 0.9], [0.2, 0.6, 0.1], [0.9, 0.1, 0.8], [0.5, 0.0, 0.0]])
+    # label 0: has it rows 0, 1, 3; seen in 0 and 3 (0.5 is on) -> 2/3; false positive row 2 ignored.
+    # label 1: rows 1, 2; seen in 1 -> 1/2. label 2: no image has it -> NaN, not 0.
+    r = M.per_label_recall(probs, y)
+    assert r[0] == pytest.approx(2 / 3) and r[1] == pytest.approx(1 / 2) and math.isnan(r[2])
+    with pytest.raises(ValueError):
+        M.per_label_recall(probs[:, :2], y)
+
+
 # ------------------------------------------------------------------ own-block fraction
 
 
@@ -290,7 +301,8 @@ def test_plots_write_pngs(tmp_path) -> None:
             {"train_loss": [1.0, 0.5, 0.3], "val_loss": [1.1, 0.7, 0.6], "val_acc": [0.5, 0.7, 0.8]},
             str(tmp_path / "curves.png"),
         ),
-        P.plot_per_label_bars({"add": [0.1, np.nan, 0.9, 0.5, 0.0, 1.0], "remove": [0.5] * L}, names,
+        P.plot_per_label_bars({"add": [0.1, np.nan, 0.9, 0.5, 0.0, 1.0], "remove": [0.5] * L,
+                               "label seen on decoded faces that have it (ceiling of add)": [0.3] * L}, names,
                               str(tmp_path / "per_label.png"), "Editing success per label", bar=0.7),
     ]
     for p in paths:

@@ -24,6 +24,7 @@ __all__ = [
     "mean_accuracy",
     "balanced_accuracy",
     "per_label_accuracy",
+    "per_label_recall",
     "norm_correlation",
     "label_correlation",
     "offdiag_agreement",
@@ -79,6 +80,28 @@ def per_label_accuracy(probs: np.ndarray, y: np.ndarray, threshold: float = 0.5)
     """
     probs, y = _check_probs_labels(probs, y)
     return ((probs >= threshold) == y).mean(axis=0)
+
+
+def per_label_recall(probs: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Of the images that have each label, the fraction predicted to have it.
+
+    On decoded images this is the ceiling of adding a label by editing: an edit is judged by the
+    same classifier, which cannot see the label on a decoded face better than on the decoded
+    faces that truly have it.
+
+    Args:
+        probs: Predicted probabilities, shape (N, L).
+        y: Ground-truth 0/1 labels, shape (N, L).
+        threshold: A label is predicted present when ``probs >= threshold``.
+
+    Returns:
+        float64 array of shape (L,); NaN for a label no image has.
+    """
+    probs, y = _check_probs_labels(probs, y)
+    pos = y == 1
+    hits = ((probs >= threshold) & pos).sum(axis=0).astype(np.float64)
+    n = pos.sum(axis=0)
+    return np.where(n > 0, hits / np.maximum(n, 1), np.nan)
 
 
 def mean_accuracy(probs: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> float:

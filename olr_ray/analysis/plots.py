@@ -6,6 +6,7 @@ Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas ra
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -314,8 +315,9 @@ def plot_per_label_bars(series: dict[str, Sequence[float]], names: Sequence[str]
     ax.set_ylim(n - 0.5, -0.5)
     ax.set_xlim(0, 1)
     ax.set_xlabel(ylabel)
-    ax.set_title(title, pad=24)
-    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series) + 1, frameon=False)
+    ncol = len(series) + 1 if sum(len(k) for k in series) < 50 else 2  # long names: two columns
+    ax.set_title(title, pad=12 + 12 * math.ceil((len(series) + (bar is not None)) / ncol))
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=ncol, frameon=False)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)

@@ -112,6 +112,13 @@ def stage_analysis(run, plan) -> dict[str, Any]:
         x = crop_to(torch.from_numpy(test_images).permute(0, 3, 1, 2).float() / 255.0, decoder.output_size)
         ssim, psnr = M.ssim_psnr(rec, x)
         out["reconstruction.test_ssim"], out["reconstruction.test_psnr"] = float(ssim), float(psnr)
+        # The classifier on the decoded test faces: how much of each label survives decoding, the
+        # ceiling of editing success (edits are judged by this same classifier on decoded faces).
+        rec_probs = classify_reconstruction(clf, rec, size)
+        rec_recall = M.per_label_recall(rec_probs, test.labels)
+        out["reconstruction.classifier_mean_accuracy"] = M.mean_accuracy(rec_probs, test.labels)
+        out["reconstruction.label_recall"] = float(np.nanmean(rec_recall))
+        out["reconstruction.label_recall_per_label"] = {n: float(v) for n, v in zip(names, rec_recall)}
         n_show = min(8, len(x))
         figs["Test originals (top) and their reconstructions from the embedding (bottom)"] = P.plot_image_grid(
             [[x[i].numpy() for i in range(n_show)], [rec[i].numpy() for i in range(n_show)]],
@@ -155,8 +162,10 @@ def stage_analysis(run, plan) -> dict[str, Any]:
         out["editing.add_success_per_label"] = {n: float(v) for n, v in zip(names, add_by_label)}
         out["editing.remove_success_per_label"] = {n: float(v) for n, v in zip(names, rem_by_label)}
         figs["Editing success per label (judged by the classifier on the decoded images)"] = P.plot_per_label_bars(
-            {"add (s=1)": add_by_label, "remove": rem_by_label}, names, fig("editing_per_label.png"),
-            "Editing success per label", ylabel="fraction of eligible test images", bar=0.7)
+            {"add (s=1)": add_by_label, "remove": rem_by_label,
+             "label seen on decoded faces that have it (ceiling of add)": rec_recall},
+            names, fig("editing_per_label.png"), "Editing success per label",
+            ylabel="fraction of eligible test images", bar=0.7)
         out["editing.add_success_by_scale"] = {str(s): float(np.mean(v)) if v else float("nan") for s, v in by_scale.items()}
         figs.update(_editing_figures(decoder, g, E0, names, cfg.edit_scales, fig, run.cfg.seed))
 
