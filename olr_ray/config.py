@@ -191,6 +191,14 @@ class DecoderConfig:
     """Optimizer (paper: RMSProp)."""
     alpha: float = 0.5
     """Loss weight: alpha*(1-SSIM) + (1-alpha)*MSE(x, minmax(out)) (paper: 0.5)."""
+    label_weight: float = 0.0
+    """Weight of a term the paper does not have: BCE between the frozen classifier's outputs on the
+    decoded face and the image's labels, so the decoder draws each label where the classifier can
+    see it (0: the paper's loss)."""
+    edit_share: float = 0.0
+    """With label_weight > 0: share of each batch decoded a second time with one label added (a
+    block from another image that has it) or removed (block zeroed), judged by the same frozen
+    classifier against the edited labels, so each block alone can turn its label on or off."""
     width: int = 128
     """Channels of the reshaped dense output (paper: 6x6x512 at 178)."""
     channels: int = 32
@@ -201,6 +209,8 @@ class DecoderConfig:
         _check(p, self.batch_size >= 2, f"{pre}.batch_size", f"expected >= 2, got {self.batch_size!r}")
         _check(p, self.lr > 0, f"{pre}.lr", f"expected > 0, got {self.lr!r}")
         _check(p, 0 <= self.alpha <= 1, f"{pre}.alpha", f"expected 0..1, got {self.alpha!r}")
+        _check(p, self.label_weight >= 0, f"{pre}.label_weight", f"expected >= 0, got {self.label_weight!r}")
+        _check(p, 0 <= self.edit_share <= 1, f"{pre}.edit_share", f"expected 0..1, got {self.edit_share!r}")
         _check(p, self.width >= 8, f"{pre}.width", f"expected >= 8, got {self.width!r}")
         _check(p, self.channels >= 4, f"{pre}.channels", f"expected >= 4, got {self.channels!r}")
 

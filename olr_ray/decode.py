@@ -18,11 +18,14 @@ def _stack_embedding(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     emb = batch["embedding"]
     if emb.dtype == object:
         emb = np.stack(emb)
-    return {"embedding": emb.astype(np.float32), "image": batch["image"]}
+    labels = batch["labels"]
+    if labels.dtype == object:
+        labels = np.stack(labels)
+    return {"embedding": emb.astype(np.float32), "labels": labels.astype(np.int8), "image": batch["image"]}
 
 
 def embedding_image_pairs(run, plan, split: str, limit: int | None = None):
-    """Ray Dataset of (embedding, image) for one split, joined on uid from the committed Parquet."""
+    """Ray Dataset of (embedding, labels, image) for one split, joined on uid from the committed Parquet."""
     import ray
 
     from olr_ray.embed import MANIFEST
@@ -32,7 +35,7 @@ def embedding_image_pairs(run, plan, split: str, limit: int | None = None):
     fs, _ = storage.resolve(run.uri)
     files = [storage.resolve(run.path("embeddings", f["path"]))[1] for f in manifest["files"]]
     emb = ray.data.read_parquet(files, filesystem=fs, num_cpus=plan.task_cpus).select_columns(
-        ["uid", "split", "embedding"])
+        ["uid", "split", "labels", "embedding"])
     emb = emb.filter(lambda r: r["split"] == split)
     img = read_images(run, [split], plan, ["uid", "image"])
     if limit:
@@ -56,6 +59,7 @@ def stage_decoder(run, plan) -> dict[str, Any]:
                         channels=d.channels),
         label_names=names, epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, seed=run.cfg.seed,
         threads=plan.threads_per_worker, optimizer=d.optimizer, alpha=d.alpha,
+        label_weight=d.label_weight, edit_share=d.edit_share, classifier_uri=run.stage("classifier")["checkpoint"],
         checkpoint_dir=run.path("checkpoints", "decoder"),
     )
     datasets = {
@@ -66,7 +70,8 @@ def stage_decoder(run, plan) -> dict[str, Any]:
     res = fit(task, datasets, plan, run.path("checkpoints"), run.cfg.max_failures)
     m = res.metrics
     run.metrics.update({"decoder.val_loss": m["val_loss"], "decoder.val_ssim": m["val_ssim"],
-                        "decoder.val_psnr": m["val_psnr"], "decoder.epochs": m["epoch"]})
+                        "decoder.val_psnr": m["val_psnr"], "decoder.epochs": m["epoch"],
+                        "decoder.val_label_accuracy": m.get("val_label_accuracy", float("nan"))})
     from olr_ray.pipeline import train_retries
 
     return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"], "storage_retries": train_retries(res)}

@@ -57,6 +57,8 @@ def test_linear_probe_separable_reaches_full_accuracy() -> None:
     assert out["per_label_accuracy"].shape == (5,)
     assert out["test_probs"].shape == (200, 5)
     assert out["train_loss"][-1] < out["train_loss"][0]
+    # The trained layer judges new embeddings exactly as it judged the test split.
+    np.testing.assert_allclose(M.probe_predict(out, E[1000:]), out["test_probs"], atol=1e-5)
 
 
 def test_linear_probe_random_labels_is_chance_and_deterministic() -> None:

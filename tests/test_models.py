@@ -113,3 +113,53 @@ def test_decoder_geometry_follows_table_1_at_178():
     for size in (24, 32, 64, 96, 128, 218):
         s0, n_up, out = decoder_geometry(size)
         assert out <= size - 2 and 3 <= s0 <= 8
+
+
+def test_decoder_label_term_trains_the_decoder_through_a_frozen_classifier(tmp_path):
+    from olr_ray.train.tasks import DecoderTask
+
+    torch.manual_seed(0)
+    clf = create_model("classifier", num_labels=L, image_size=32, width=8).eval()
+    (tmp_path / "clf.pt").write_bytes(save_checkpoint(clf, "classifier"))
+    args = dict(name="decoder", model_name="decoder", label_names=list("abcde"), epochs=1, batch_size=4, lr=1e-3,
+                model_args=dict(num_labels=L, k=K, image_size=32, width=16, channels=8),
+                classifier_uri=str(tmp_path / "clf.pt"))
+    batch = {"embedding": torch.randn(4, L, K), "image": torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8),
+             "labels": torch.randint(0, 2, (4, L), dtype=torch.int8)}
+    plain, with_labels = DecoderTask(**args), DecoderTask(**args, label_weight=2.0)
+    model = plain.build_model()
+    base = plain.loss(model, batch)
+    total = with_labels.loss(model, batch)
+    # The added term is exactly label_weight * BCE(classifier(decoded face), labels).
+    logits = with_labels.label_logits(model.reconstruct(batch["embedding"]), 32)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"].float())
+    assert float((total - base).detach()) == pytest.approx(2.0 * float(bce.detach()), rel=1e-5)
+    total.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    frozen = with_labels._classifier("cpu")
+    assert not frozen.training and all(p.grad is None and not p.requires_grad for p in frozen.parameters())
+
+
+def test_edit_blocks_adds_a_donor_block_or_zeroes_one_and_retargets_only_that_label():
+    from olr_ray.train.tasks import edit_blocks
+
+    torch.manual_seed(0)
+    B = 64
+    E = torch.rand(B, L, K) + 1.0  # no zero entries, so a zeroed block is unambiguous
+    has = torch.rand(B, L) < 0.4
+    edited, target, lab = edit_blocks(E, has, 0.5)
+    assert edited.shape == (32, L, K) and target.shape == (32, L) and lab.shape == (32,)
+    adds = removes = 0
+    for i, l in enumerate(lab.tolist()):
+        others = [j for j in range(L) if j != l]
+        assert torch.equal(edited[i, others], E[i, others])  # other blocks untouched
+        assert torch.equal(target[i, others], has[i, others].float())  # and their targets too
+        if target[i, l] == 1:
+            adds += 1
+            assert not has[i, l]  # only an image without the label gets it added
+            donors = [j for j in range(B) if has[j, l]]
+            assert any(torch.equal(edited[i, l], E[j, l]) for j in donors)
+        else:
+            removes += 1
+            assert torch.count_nonzero(edited[i, l]) == 0
+    assert adds > 5 and removes > 5

@@ -25,6 +25,7 @@ __all__ = [
     "balanced_accuracy",
     "per_label_accuracy",
     "per_label_recall",
+    "probe_predict",
     "norm_correlation",
     "label_correlation",
     "offdiag_agreement",
@@ -220,8 +221,10 @@ def linear_probe(
     Returns:
         Dict with ``test_mean_accuracy`` (float), ``test_balanced_accuracy`` (float),
         ``per_label_accuracy`` (np.ndarray (L,)), ``test_probs`` (float32 np.ndarray
-        (N_test, L)), ``train_mean_accuracy`` (float) and ``train_loss`` (list of per-epoch mean
-        BCE; its length is the number of epochs actually run).
+        (N_test, L)), ``train_mean_accuracy`` (float), ``train_loss`` (list of per-epoch mean
+        BCE; its length is the number of epochs actually run), and the layer itself for
+        :func:`probe_predict`: ``mean`` and ``scale`` (the feature standardisation), ``weight``
+        (L, L*k) and ``bias`` (L,).
     """
     X_tr = np.asarray(E_train, dtype=np.float32).reshape(len(E_train), -1)
     X_te = np.asarray(E_test, dtype=np.float32).reshape(len(E_test), -1)
@@ -267,7 +270,18 @@ def linear_probe(
         "test_probs": test_probs,
         "train_mean_accuracy": mean_accuracy(train_probs, Y_tr),
         "train_loss": history,
+        "mean": mu,
+        "scale": sd,
+        "weight": layer.weight.detach().numpy().copy(),
+        "bias": layer.bias.detach().numpy().copy(),
     }
+
+
+def probe_predict(probe: dict[str, Any], E: np.ndarray) -> np.ndarray:
+    """Probabilities of a trained :func:`linear_probe` on new embeddings, shape (N, L)."""
+    X = (np.asarray(E, dtype=np.float32).reshape(len(E), -1) - probe["mean"]) / probe["scale"]
+    z = X @ probe["weight"].T + probe["bias"]
+    return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
