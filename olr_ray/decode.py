@@ -59,7 +59,7 @@ def stage_decoder(run, plan) -> dict[str, Any]:
                         channels=d.channels),
         label_names=names, epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, seed=run.cfg.seed,
         threads=plan.threads_per_worker, optimizer=d.optimizer, alpha=d.alpha,
-        label_weight=d.label_weight, edit_share=d.edit_share, classifier_uri=run.stage("classifier")["checkpoint"],
+        label_weight=d.label_weight, classifier_uri=run.stage("classifier")["checkpoint"],
         checkpoint_dir=run.path("checkpoints", "decoder"),
     )
     datasets = {

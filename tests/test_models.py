@@ -139,27 +139,3 @@ def test_decoder_label_term_trains_the_decoder_through_a_frozen_classifier(tmp_p
     frozen = with_labels._classifier("cpu")
     assert not frozen.training and all(p.grad is None and not p.requires_grad for p in frozen.parameters())
 
-
-def test_edit_blocks_adds_a_donor_block_or_zeroes_one_and_retargets_only_that_label():
-    from olr_ray.train.tasks import edit_blocks
-
-    torch.manual_seed(0)
-    B = 64
-    E = torch.rand(B, L, K) + 1.0  # no zero entries, so a zeroed block is unambiguous
-    has = torch.rand(B, L) < 0.4
-    edited, target, lab = edit_blocks(E, has, 0.5)
-    assert edited.shape == (32, L, K) and target.shape == (32, L) and lab.shape == (32,)
-    adds = removes = 0
-    for i, l in enumerate(lab.tolist()):
-        others = [j for j in range(L) if j != l]
-        assert torch.equal(edited[i, others], E[i, others])  # other blocks untouched
-        assert torch.equal(target[i, others], has[i, others].float())  # and their targets too
-        if target[i, l] == 1:
-            adds += 1
-            assert not has[i, l]  # only an image without the label gets it added
-            donors = [j for j in range(B) if has[j, l]]
-            assert any(torch.equal(edited[i, l], E[j, l]) for j in donors)
-        else:
-            removes += 1
-            assert torch.count_nonzero(edited[i, l]) == 0
-    assert adds > 5 and removes > 5

@@ -197,10 +197,6 @@ class DecoderTask(BaseTask):
     alpha: float = 0.5
     label_weight: float = 0.0
     classifier_uri: str = ""
-    edit_share: float = 0.0
-    """Share of each training batch also decoded once more with one label edited in the embedding
-    (a block taken from another image in the batch that has the label, or zeroed), with only the
-    classifier term, its target the labels as edited; needs ``label_weight > 0``."""
     shuffle_buffer: int | None = 1024
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -241,22 +237,7 @@ class DecoderTask(BaseTask):
         return loss, s, mse
 
     def loss(self, model, batch) -> torch.Tensor:
-        total = self._losses(model, batch)[0]
-        if self.label_weight > 0 and self.edit_share > 0:
-            total = total + self.label_weight * self._edit_loss(model, batch)
-        return total
-
-    def _edit_loss(self, model, batch) -> torch.Tensor:
-        """Classifier BCE on decoded faces whose embedding had one label added or removed
-        (:func:`edit_blocks`): the BCE over all labels plus the BCE of the edited label alone, so
-        the edit counts as much as the other labels it must leave alone."""
-        m = getattr(model, "module", model)
-        E = batch["embedding"].float().view(-1, m.num_labels, m.k)
-        edited, target, lab = edit_blocks(E, batch["labels"] == 1, self.edit_share)
-        logits = self.label_logits(Decoder.rescale(model(edited)), m.image_size)
-        rows = torch.arange(len(lab), device=E.device)
-        return (F.binary_cross_entropy_with_logits(logits, target)
-                + F.binary_cross_entropy_with_logits(logits[rows, lab], target[rows, lab]))
+        return self._losses(model, batch)[0]
 
     def validate(self, model, device, final: bool) -> dict[str, Any]:
         from pytorch_msssim import ssim
@@ -284,30 +265,3 @@ class DecoderTask(BaseTask):
             out["val_label_accuracy"] = acc_sum / count
         return out
 
-
-def edit_blocks(E: torch.Tensor, has: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One random label edited in each of the first ``share * B`` embeddings of a batch.
-
-    Row i gets a random label l. If it lacks l and another row has it, block l is replaced by a
-    random such row's block (add, target 1); otherwise block l is zeroed (remove, target 0).
-    The other labels keep their targets.
-
-    Args:
-        E: embeddings (B, L, k).
-        has: bool (B, L), the labels.
-        share: fraction of rows edited (at least one).
-
-    Returns:
-        ``(edited (n, L, k), target float (n, L), label index (n,))``.
-    """
-    y = has.float()
-    n = max(1, int(round(len(E) * share)))
-    rows = torch.arange(n, device=E.device)
-    lab = torch.randint(0, E.shape[1], (n,), device=E.device)
-    donors = y[:, lab].T  # (n, B): which rows of the batch have each edited row's label
-    can_add = (donors.sum(1) > 0) & (y[rows, lab] == 0)
-    donor = torch.multinomial(donors + (~can_add).float()[:, None], 1).squeeze(1)
-    edited, target = E[:n].clone(), y[:n].clone()
-    edited[rows, lab] = torch.where(can_add[:, None], E[donor, lab], torch.zeros_like(E[rows, lab]))
-    target[rows, lab] = can_add.float()
-    return edited, target, lab
