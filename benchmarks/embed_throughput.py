@@ -121,7 +121,8 @@ def main() -> None:
         return args.n / total
 
     run_ray()  # warm-up: actor start, first pass
-    starts.clear(), steady.clear()
+    starts.clear()
+    steady.clear()
     # Interleaved passes, bare then Ray, and the median of each pair's ratio: this machine's speed
     # drifts by +-15% over minutes (bare passes measured 831 and 967 images/s an hour apart), and
     # timing all bare passes before all Ray passes folded that drift into the ratio.

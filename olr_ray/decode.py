@@ -14,14 +14,14 @@ import numpy as np
 from olr_ray import storage
 
 
+def _dense(column: np.ndarray) -> np.ndarray:
+    """A list column as one 2-D array (Ray hands variable-size lists over as an object array)."""
+    return np.stack(column) if column.dtype == object else column
+
+
 def _stack_embedding(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    emb = batch["embedding"]
-    if emb.dtype == object:
-        emb = np.stack(emb)
-    labels = batch["labels"]
-    if labels.dtype == object:
-        labels = np.stack(labels)
-    return {"embedding": emb.astype(np.float32), "labels": labels.astype(np.int8), "image": batch["image"]}
+    return {"embedding": _dense(batch["embedding"]).astype(np.float32),
+            "labels": _dense(batch["labels"]).astype(np.int8), "image": batch["image"]}
 
 
 def embedding_image_pairs(run, plan, split: str, limit: int | None = None):

@@ -46,18 +46,21 @@ def _batched(fn, x: torch.Tensor, bs: int = 256) -> torch.Tensor:
         return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)]) if len(x) else x
 
 
+def _as_stored(rec: torch.Tensor, size: int) -> torch.Tensor:
+    """Decoded images in [0, 1] (N, 3, out, out) as the dataset stores images: resized back to the
+    input size, uint8 NHWC."""
+    x = F.interpolate(rec, size=(size, size), mode="bilinear", align_corners=False)
+    return (x * 255.0).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def classify_reconstruction(classifier, rec: torch.Tensor, size: int) -> np.ndarray:
     """Classifier probabilities on decoded images (resized back to the input size, in [0,1])."""
-    x = F.interpolate(rec, size=(size, size), mode="bilinear", align_corners=False)
-    x = (x * 255.0).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    return torch.sigmoid(_batched(classifier, x)).numpy()
+    return torch.sigmoid(_batched(classifier, _as_stored(rec, size))).numpy()
 
 
 def reembed(siamese, rec: torch.Tensor, size: int) -> np.ndarray:
     """The Siamese network's embeddings of decoded images (resized and quantised as stored), (N, L, k)."""
-    x = F.interpolate(rec, size=(size, size), mode="bilinear", align_corners=False)
-    x = (x * 255.0).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    return _batched(siamese, x).numpy()
+    return _batched(siamese, _as_stored(rec, size)).numpy()
 
 
 def stage_analysis(run, plan) -> dict[str, Any]:
@@ -157,24 +160,22 @@ def stage_analysis(run, plan) -> dict[str, Any]:
                 continue
             for s in cfg.edit_scales:
                 after = judge(M.edit_embeddings(E0, l, "add", g, scale=s, seed=run.cfg.seed + l))
-                for j in (0, 1):
-                    r = M.editing_success(base[j], after[j], l, "add")
-                    if j == 0 and not np.isnan(r["target_success"]):
-                        by_scale[s].append(r["target_success"])
-                    if s == 1.0:
-                        if j == 0:
-                            add_by_label[l] = r["target_success"]
-                        if not np.isnan(r["target_success"]):
-                            add[j].append(r["target_success"])
-                        keep_add[j].append(r["others_preserved"])
+                r = [M.editing_success(base[j], after[j], l, "add") for j in (0, 1)]
+                if not np.isnan(r[0]["target_success"]):
+                    by_scale[s].append(r[0]["target_success"])
+                if s == 1.0:
+                    add_by_label[l] = r[0]["target_success"]
+                    for j in (0, 1):
+                        if not np.isnan(r[j]["target_success"]):
+                            add[j].append(r[j]["target_success"])
+                        keep_add[j].append(r[j]["others_preserved"])
             after = judge(M.edit_embeddings(E0, l, "remove", g))
+            r = [M.editing_success(base[j], after[j], l, "remove") for j in (0, 1)]
+            rem_by_label[l] = r[0]["target_success"]
             for j in (0, 1):
-                r = M.editing_success(base[j], after[j], l, "remove")
-                if j == 0:
-                    rem_by_label[l] = r["target_success"]
-                if not np.isnan(r["target_success"]):
-                    rem[j].append(r["target_success"])
-                keep_rem[j].append(r["others_preserved"])
+                if not np.isnan(r[j]["target_success"]):
+                    rem[j].append(r[j]["target_success"])
+                keep_rem[j].append(r[j]["others_preserved"])
         for j, suffix in ((0, ""), (1, "_reembedded")):
             out[f"editing.add_success{suffix}"] = float(np.mean(add[j])) if add[j] else float("nan")
             out[f"editing.remove_success{suffix}"] = float(np.mean(rem[j])) if rem[j] else float("nan")

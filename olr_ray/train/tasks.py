@@ -220,7 +220,8 @@ class DecoderTask(BaseTask):
         x = F.interpolate(rec, size=(image_size, image_size), mode="bilinear", align_corners=False)
         return self._classifier(rec.device)(x * 2.0 - 1.0)
 
-    def _losses(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _losses(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, SSIM, MSE, the decoded images minmax-scaled to [0, 1])."""
         from pytorch_msssim import ssim
 
         m = getattr(model, "module", model)
@@ -234,7 +235,7 @@ class DecoderTask(BaseTask):
         if self.label_weight > 0:
             logits = self.label_logits(rec, m.image_size)
             loss = loss + self.label_weight * F.binary_cross_entropy_with_logits(logits, batch["labels"].float())
-        return loss, s, mse
+        return loss, s, mse, rec
 
     def loss(self, model, batch) -> torch.Tensor:
         return self._losses(model, batch)[0]
@@ -243,11 +244,10 @@ class DecoderTask(BaseTask):
         from pytorch_msssim import ssim
 
         loss_sum = ssim_sum = psnr_sum = acc_sum = 0.0
-        count = 0
+        count = acc_count = 0
         for batch in self.eval_batches("valid", device):
-            loss, _, _ = self._losses(model, batch)
+            loss, _, _, rec = self._losses(model, batch)
             x = self._target(model, batch["image"])
-            rec = model.reconstruct(batch["embedding"].float())
             win = 11 if model.output_size >= 44 else 7
             n = len(x)
             ssim_sum += float(ssim(rec, x, data_range=1.0, size_average=True, win_size=win)) * n
@@ -258,10 +258,10 @@ class DecoderTask(BaseTask):
                 # The classifier on the decoded faces: how many labels it still reads there.
                 seen = self.label_logits(rec, model.image_size) >= 0
                 acc_sum += float((seen == (batch["labels"] == 1)).float().mean()) * n
+                acc_count += n
             count += n
         count = max(count, 1)
         out = {"val_loss": loss_sum / count, "val_ssim": ssim_sum / count, "val_psnr": psnr_sum / count}
-        if self.classifier_uri:
-            out["val_label_accuracy"] = acc_sum / count
+        if acc_count:
+            out["val_label_accuracy"] = acc_sum / acc_count
         return out
-
