@@ -45,6 +45,20 @@ def embedding_image_pairs(run, plan, split: str, limit: int | None = None):
     return joined.map_batches(_stack_embedding, batch_format="numpy", num_cpus=plan.task_cpus)
 
 
+def edit_distributions(run) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label Gaussians of the training embeddings, as the analysis fits them for editing:
+    (L, k) means and (L, k, k) Cholesky factors, zeros for a label no training image has."""
+    from olr_ray.analysis import load_embeddings
+    from olr_ray.analysis.metrics import fit_label_gaussians
+
+    train = load_embeddings(run.path("embeddings"), columns=["labels", "embedding"], split="train")
+    g = fit_label_gaussians(train.E, train.labels)
+    chol = np.zeros_like(g["cov"])
+    for l in np.flatnonzero(~g["empty"]):
+        chol[l] = np.linalg.cholesky(g["cov"][l])
+    return g["mean"].astype(np.float32), chol.astype(np.float32)
+
+
 def stage_decoder(run, plan) -> dict[str, Any]:
     from olr_ray.pipeline import eval_split
     from olr_ray.train.driver import fit
@@ -60,8 +74,11 @@ def stage_decoder(run, plan) -> dict[str, Any]:
         label_names=names, epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, seed=run.cfg.seed,
         threads=plan.threads_per_worker, optimizer=d.optimizer, alpha=d.alpha,
         label_weight=d.label_weight, classifier_uri=run.stage("classifier")["checkpoint"],
+        edit_weight=d.edit_weight, siamese_uri=run.stage("siamese")["checkpoint"],
         checkpoint_dir=run.path("checkpoints", "decoder"),
     )
+    if d.edit_weight > 0:
+        task.edit_mean, task.edit_chol = edit_distributions(run)
     datasets = {
         # Joined once and kept in the object store: re-joining every epoch costs more than the epoch.
         "train": embedding_image_pairs(run, plan, "train").materialize(),

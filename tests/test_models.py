@@ -1,5 +1,6 @@
 """One shared check over every model, after timm's tests: shapes, no NaN, every parameter learns."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +137,53 @@ def test_decoder_label_term_trains_the_decoder_through_a_frozen_classifier(tmp_p
     assert float((total - base).detach()) == pytest.approx(2.0 * float(bce.detach()), rel=1e-5)
     total.backward()
     assert all(p.grad is not None for p in model.parameters())
-    frozen = with_labels._classifier("cpu")
+    frozen = with_labels._frozen(with_labels.classifier_uri, "cpu")
     assert not frozen.training and all(p.grad is None and not p.requires_grad for p in frozen.parameters())
+
+
+def _edit_task(tmp_path, **kw):
+    from olr_ray.train.tasks import DecoderTask
+
+    sia = create_model("siamese", num_labels=L, k=K, image_size=32, width=8).eval()
+    (tmp_path / "sia.pt").write_bytes(save_checkpoint(sia, "siamese"))
+    mean = (np.arange(L * K, dtype=np.float32).reshape(L, K) + 1) / 100
+    return DecoderTask(name="decoder", model_name="decoder", label_names=list("abcde"), epochs=1, batch_size=4,
+                       lr=1e-3, model_args=dict(num_labels=L, k=K, image_size=32, width=16, channels=8),
+                       siamese_uri=str(tmp_path / "sia.pt"), edit_mean=mean,
+                       edit_chol=np.zeros((L, K, K), np.float32), **kw)
+
+
+def test_random_edits_change_one_block_per_row_to_a_sample_or_zero(tmp_path):
+    task = _edit_task(tmp_path)
+    torch.manual_seed(0)
+    E = torch.rand(400, L, K) + 1.0  # no block is zero or equal to a mean before the edit
+    edited = task.random_edits(E)
+    changed = (edited != E).any(-1)  # (N, L)
+    assert changed.sum(1).eq(1).all()
+    rows, labels = changed.nonzero(as_tuple=True)
+    blocks = edited[rows, labels]
+    zero = blocks.eq(0).all(-1)
+    # With a zero covariance, an added block is exactly its label's mean.
+    sampled = torch.isclose(blocks, torch.from_numpy(task.edit_mean)[labels]).all(-1)
+    assert (zero ^ sampled).all()
+    assert 0.4 < float(zero.float().mean()) < 0.6  # half added, half removed
+    assert len(set(labels.tolist())) == L
+
+
+def test_decoder_edit_term_is_siamese_reembedding_mse_and_trains_only_the_decoder(tmp_path):
+    plain, with_edits = _edit_task(tmp_path), _edit_task(tmp_path, edit_weight=3.0)
+    torch.manual_seed(1)
+    model = plain.build_model()
+    batch = {"embedding": torch.rand(4, L, K), "image": torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)}
+    base = plain.loss(model, batch)
+    torch.manual_seed(2)
+    total = with_edits.loss(model, batch)
+    torch.manual_seed(2)
+    edited = with_edits.random_edits(batch["embedding"])  # the same edits the loss drew
+    sia = with_edits._frozen(with_edits.siamese_uri, "cpu")
+    expected = torch.nn.functional.mse_loss(sia(with_edits.as_input(model.reconstruct(edited), 32)), edited)
+    assert float((total - base).detach()) == pytest.approx(3.0 * float(expected.detach()), rel=1e-4)
+    total.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert not sia.training and all(p.grad is None and not p.requires_grad for p in sia.parameters())
 

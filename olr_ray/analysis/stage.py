@@ -140,10 +140,11 @@ def stage_analysis(run, plan) -> dict[str, Any]:
         np.savez(fig("gaussians.npz"), mean=g["mean"], cov=g["cov"], count=g["count"], label_names=np.array(names))
         n_edit = min(cfg.edit_images, len(test))
         E0 = test.E[:n_edit]
-        # Two judges of every edit. The classifier (the paper's judge, and the metric's), and a second
-        # one the decoder never trained against: the Siamese network re-embeds the decoded face and
-        # the linear probe reads its labels (decoder.label_weight > 0 trains through the classifier,
-        # so its verdict alone could be flattered).
+        # Two judges of every edit: the classifier (the paper's judge, and the metric's), and the
+        # Siamese network re-embedding the decoded face with the linear probe reading its labels.
+        # Each is flattered when the decoder trained through it: decoder.edit_weight > 0 (the
+        # default) trains through the Siamese network, decoder.label_weight > 0 through the
+        # classifier. With the defaults the classifier is the judge the decoder never saw.
         siamese, _ = load_checkpoint(run.stage("siamese")["checkpoint"])
 
         def judge(E: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -181,6 +182,10 @@ def stage_analysis(run, plan) -> dict[str, Any]:
             out[f"editing.remove_success{suffix}"] = float(np.mean(rem[j])) if rem[j] else float("nan")
             keep = keep_add[j] + keep_rem[j]
             out[f"editing.others_preserved{suffix}"] = float(np.nanmean(keep)) if keep else float("nan")
+        d = run.cfg.decoder
+        out["editing.decoder_trained_through"] = ", ".join(
+            name for name, w in (("siamese (flatters the _reembedded judge)", d.edit_weight),
+                                 ("classifier (flatters the classifier's judgement)", d.label_weight)) if w > 0) or "neither judge"
         out["editing.add_success_per_label"] = {n: float(v) for n, v in zip(names, add_by_label)}
         out["editing.remove_success_per_label"] = {n: float(v) for n, v in zip(names, rem_by_label)}
         figs["Editing success per label (judged by the classifier on the decoded images)"] = P.plot_per_label_bars(

@@ -185,18 +185,31 @@ def norm_ratio(norms: np.ndarray, labels: np.ndarray) -> float:
 
 @dataclass
 class DecoderTask(BaseTask):
-    """Decoder: alpha * (1 - SSIM)(x, out) + (1 - alpha) * MSE(x, minmax(out)) (paper eq. 3),
-    plus ``label_weight`` * BCE(classifier(minmax(out)), labels) when ``label_weight > 0``.
+    """Decoder: alpha * (1 - SSIM)(x, out) + (1 - alpha) * MSE(x, minmax(out)) (paper eq. 3), plus two
+    optional terms the paper does not have.
 
-    The last term is not in the paper. The frozen classifier (``classifier_uri``) looks at the
-    decoded face, and the decoder is asked to draw the image's labels where the classifier can see
-    them. SSIM and MSE favour the average face for each label pattern, so blocks that differ only
-    in a small cue (glasses, a goatee) decode to nearly the same blur.
+    ``edit_weight`` * MSE(siamese(decode(E')), E'): E' is the batch's embeddings with one random block
+    per image edited as the analysis edits (half replaced by a sample of its label's Gaussian,
+    ``edit_mean``/``edit_chol``, half zeroed), and the frozen Siamese network (``siamese_uri``)
+    re-embeds the decoded face. SSIM and MSE alone favour the average face for each label pattern,
+    so a cue whose look varies (a hat of any colour, glasses) averages away and its block is barely
+    read; this term asks that whatever is put in a block come back out of the face drawn from it.
+    It needs no target image, so it trains on exactly the edits the analysis makes.
+
+    ``label_weight`` * BCE(classifier(minmax(out)), labels): the frozen classifier
+    (``classifier_uri``) reads the decoded face. It trains through the judge of editing, and on the
+    demo it taught the decoder blotches the classifier reads, so it is off by default.
     """
 
     alpha: float = 0.5
     label_weight: float = 0.0
     classifier_uri: str = ""
+    edit_weight: float = 0.0
+    siamese_uri: str = ""
+    edit_mean: np.ndarray | None = None
+    """(L, k) per-label Gaussian means over the training images that have the label."""
+    edit_chol: np.ndarray | None = None
+    """(L, k, k) Cholesky factors of the per-label covariances (zeros for a label no image has)."""
     shuffle_buffer: int | None = 1024
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -204,21 +217,44 @@ class DecoderTask(BaseTask):
         x = image.permute(0, 3, 1, 2).float() / 255.0
         return crop_to(x, model.output_size)
 
-    def _classifier(self, device) -> torch.nn.Module:
-        """The frozen classifier, loaded once per worker and kept off the optimizer."""
-        clf = self.__dict__.get("_clf")
-        if clf is None:
+    def _frozen(self, uri: str, device) -> torch.nn.Module:
+        """A frozen trained model (classifier or Siamese), loaded once per worker, off the optimizer."""
+        cache = self.__dict__.setdefault("_frozen_models", {})
+        if uri not in cache:
             from olr_ray.models import load_checkpoint
 
-            clf, _ = load_checkpoint(self.classifier_uri)
-            clf.eval().requires_grad_(False)
-            self.__dict__["_clf"] = clf
-        return clf.to(device)
+            net, _ = load_checkpoint(uri)
+            cache[uri] = net.eval().requires_grad_(False)
+        return cache[uri].to(device)
+
+    @staticmethod
+    def as_input(rec: torch.Tensor, image_size: int) -> torch.Tensor:
+        """Decoded images in [0, 1] as the trained networks take images: resized to the input size, in [-1, 1]."""
+        x = F.interpolate(rec, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        return x * 2.0 - 1.0
 
     def label_logits(self, rec: torch.Tensor, image_size: int) -> torch.Tensor:
-        """Classifier logits on decoded images in [0, 1], resized to the classifier's input size."""
-        x = F.interpolate(rec, size=(image_size, image_size), mode="bilinear", align_corners=False)
-        return self._classifier(rec.device)(x * 2.0 - 1.0)
+        """Classifier logits on decoded images in [0, 1]."""
+        return self._frozen(self.classifier_uri, rec.device)(self.as_input(rec, image_size))
+
+    def random_edits(self, E: torch.Tensor) -> torch.Tensor:
+        """One random block per row edited: half the rows get a sample of that label's Gaussian, half a zero block."""
+        n, L, k = E.shape
+        # Copies: arrays that arrive through Ray's object store are read-only views.
+        mean = torch.tensor(np.array(self.edit_mean), dtype=E.dtype, device=E.device)
+        chol = torch.tensor(np.array(self.edit_chol), dtype=E.dtype, device=E.device)
+        rows = torch.arange(n, device=E.device)
+        label = torch.randint(0, L, (n,), device=E.device)
+        sample = mean[label] + torch.einsum("nij,nj->ni", chol[label], torch.randn(n, k, device=E.device, dtype=E.dtype))
+        add = torch.rand(n, device=E.device) < 0.5
+        out = E.clone()
+        out[rows, label] = torch.where(add[:, None], sample, torch.zeros_like(sample))
+        return out
+
+    def edit_loss(self, edited: torch.Tensor, out: torch.Tensor, image_size: int) -> torch.Tensor:
+        """MSE between edited embeddings and the Siamese network's embeddings of their decoded faces."""
+        rec = Decoder.rescale(out)
+        return F.mse_loss(self._frozen(self.siamese_uri, rec.device)(self.as_input(rec, image_size)), edited)
 
     def _losses(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, SSIM, MSE, the decoded images minmax-scaled to [0, 1])."""
@@ -226,7 +262,11 @@ class DecoderTask(BaseTask):
 
         m = getattr(model, "module", model)
         x = self._target(m, batch["image"])
-        out = model(batch["embedding"].float())
+        E = batch["embedding"].float().view(len(x), m.num_labels, m.k)
+        edited = self.random_edits(E) if self.edit_weight > 0 else None
+        # One forward pass for the batch and its edits: DDP expects one forward per backward.
+        out = model(E if edited is None else torch.cat([E, edited]))
+        out, out_edited = out[:len(E)], out[len(E):]
         win = 11 if m.output_size >= 44 else 7
         s = ssim(out, x, data_range=1.0, size_average=True, win_size=win)
         rec = Decoder.rescale(out)
@@ -235,6 +275,8 @@ class DecoderTask(BaseTask):
         if self.label_weight > 0:
             logits = self.label_logits(rec, m.image_size)
             loss = loss + self.label_weight * F.binary_cross_entropy_with_logits(logits, batch["labels"].float())
+        if edited is not None:
+            loss = loss + self.edit_weight * self.edit_loss(edited, out_edited, m.image_size)
         return loss, s, mse, rec
 
     def loss(self, model, batch) -> torch.Tensor:
