@@ -316,7 +316,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decoder": {"epochs": 1, "batch_size": 32, "width": 32, "channels": 8},
         "analysis": {"probe_epochs": 50, "edit_images": 16, "disentangle_faces": 32},
     },
-    # The default: synthetic 64x64, 20,000 images, good on every metric within 20 minutes on 2 cores.
+    # The default: synthetic 64x64, 20,000 images, 17 minutes on 2 cores (editing add success: see README).
     "demo": {},
     # The paper's setting: CelebA 178x178, L=38, k=32, GPU workers.
     "paper": {
