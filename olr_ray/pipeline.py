@@ -199,8 +199,9 @@ def stage_classifier(run: Run, plan) -> dict[str, Any]:
     task = ClassifierTask(name="classifier", model_name="classifier",
                           model_args=dict(num_labels=len(names), image_size=info["image_size"], width=c.width),
                           weight_decay=c.weight_decay, checkpoint_dir=run.path("checkpoints", "classifier"),
-                          occlusion_prob=c.occlusion_prob, lr_schedule=c.lr_schedule, occlusion_min=run.cfg.siamese.occlusion_min,
-                          occlusion_max=run.cfg.siamese.occlusion_max, occlusion_fill=run.cfg.siamese.occlusion_fill,
+                          lr_schedule=c.lr_schedule, occlusion_prob=c.occlusion_prob,
+                          occlusion_min=run.cfg.siamese.occlusion_min, occlusion_max=run.cfg.siamese.occlusion_max,
+                          occlusion_fill=run.cfg.siamese.occlusion_fill,
                           **_task_common(run, plan, c))
     cols = ["image", "labels"]
     # Validation and test sets are read once and kept in the object store: rank 0 evaluates on

@@ -237,12 +237,19 @@ class DecoderTask(BaseTask):
         """Classifier logits on decoded images in [0, 1]."""
         return self._frozen(self.classifier_uri, rec.device)(self.as_input(rec, image_size))
 
+    def _edit_tensors(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``edit_mean`` and ``edit_chol`` as tensors, made once per worker and device (copies: arrays
+        that arrive through Ray's object store are read-only views)."""
+        cache = self.__dict__.setdefault("_edit_cache", {})
+        if (device, dtype) not in cache:
+            cache[device, dtype] = tuple(torch.tensor(np.array(a), dtype=dtype, device=device)
+                                         for a in (self.edit_mean, self.edit_chol))
+        return cache[device, dtype]
+
     def random_edits(self, E: torch.Tensor) -> torch.Tensor:
         """One random block per row edited: half the rows get a sample of that label's Gaussian, half a zero block."""
         n, L, k = E.shape
-        # Copies: arrays that arrive through Ray's object store are read-only views.
-        mean = torch.tensor(np.array(self.edit_mean), dtype=E.dtype, device=E.device)
-        chol = torch.tensor(np.array(self.edit_chol), dtype=E.dtype, device=E.device)
+        mean, chol = self._edit_tensors(E.device, E.dtype)
         rows = torch.arange(n, device=E.device)
         label = torch.randint(0, L, (n,), device=E.device)
         sample = mean[label] + torch.einsum("nij,nj->ni", chol[label], torch.randn(n, k, device=E.device, dtype=E.dtype))
