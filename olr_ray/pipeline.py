@@ -243,6 +243,7 @@ def stage_siamese(run: Run, plan) -> dict[str, Any]:
                                        label_kernel=s.label_kernel, activation=s.activation,
                                        floor=s.block_floor),
                        init_trunk_from=clf if s.init_from_classifier else "", lr_schedule=s.lr_schedule,
+                       grad_floor=s.grad_floor,
                        weight_decay=s.weight_decay, shuffle_buffer=None,
                        checkpoint_dir=run.path("checkpoints", "siamese"), **_task_common(run, plan, s))
     cols = ["uid", "image", "labels"]

@@ -109,6 +109,42 @@ def test_siamese_trunk_starts_from_the_classifier(tmp_path):
     assert task.build_model().trunk[0].weight.shape[0] == 16
 
 
+def test_grad_floor_keeps_the_loss_value_and_lifts_blocks_stuck_at_zero():
+    from olr_ray.models.nets import pair_dots
+
+    e1, e2 = torch.rand(4, L, K, requires_grad=True), torch.rand(4, L, K, requires_grad=True)
+    assert torch.equal(pair_dots(e1, e2, 0.05), pair_dots(e1, e2))
+    # Both blocks exactly zero and a target above the dot product: no gradient without the floor,
+    # with it a step that raises both blocks.
+    grads = {}
+    for g in (0.0, 0.05):
+        z1, z2 = torch.zeros(2, L, K, requires_grad=True), torch.zeros(2, L, K, requires_grad=True)
+        (pair_dots(z1, z2, g) - 0.5).pow(2).sum().backward()
+        grads[g] = (z1.grad, z2.grad)
+    assert grads[0.0][0].abs().sum() == 0 and grads[0.0][1].abs().sum() == 0
+    assert torch.allclose(grads[0.05][0], torch.full_like(z1, 2 * -0.5 * 0.05))
+    assert torch.allclose(grads[0.05][1], grads[0.05][0])
+
+
+def test_siamese_task_with_grad_floor_revives_an_all_zero_label_layer():
+    from olr_ray.train.tasks import SiameseTask
+
+    torch.manual_seed(0)
+    batch = {"image_a": torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8),
+             "image_b": torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8),
+             "target": torch.full((3, L), 0.5)}
+    grads = {}
+    for g in (0.0, 0.05):
+        task = SiameseTask(name="siamese", model_name="siamese", label_names=list("abcde"), epochs=1, batch_size=2,
+                           lr=1e-3, model_args=dict(num_labels=L, k=K, image_size=32, width=8,
+                                                    activation="relu_leaky_grad"), grad_floor=g)
+        model = task.build_model()
+        torch.nn.init.zeros_(model.label_layer.weight)  # every block exactly zero: the paper's loss is stuck
+        task.loss(model, batch).backward()
+        grads[g] = model.label_layer.weight.grad.abs().sum().item()
+    assert grads[0.0] == 0 and grads[0.05] > 0
+
+
 def test_decoder_geometry_follows_table_1_at_178():
     assert decoder_geometry(178) == (6, 5, 176)
     for size in (24, 32, 64, 96, 128, 218):

@@ -137,9 +137,20 @@ class SiameseEmbedder(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def pair_dots(e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products <E1[l], E2[l]>: (N, L, k) x (N, L, k) -> (N, L)."""
-    return (e1 * e2).sum(-1)
+def pair_dots(e1: torch.Tensor, e2: torch.Tensor, grad_floor: float = 0.0) -> torch.Tensor:
+    """Row-wise dot products <E1[l], E2[l]>: (N, L, k) x (N, L, k) -> (N, L).
+
+    ``grad_floor`` g > 0 changes only the backward pass: the gradient with respect to E1 is
+    E2 + g (and to E2, E1 + g) instead of E2. The exact gradient vanishes where both blocks are
+    zero, so a block that has shrunk to zero on every image stays there even when its targets ask
+    for more; with the floor, a pair whose dot product is below its target still pushes both
+    blocks up. Where the dot product equals its target the extra term is zero.
+    """
+    dots = (e1 * e2).sum(-1)
+    if grad_floor:
+        s = grad_floor * (e1.sum(-1) + e2.sum(-1))
+        dots = dots + (s - s.detach())
+    return dots
 
 
 def decoder_geometry(image_size: int) -> tuple[int, int, int]:

@@ -122,6 +122,9 @@ class SiameseTask(BaseTask):
 
     init_trunk_from: str = ""
     """Classifier checkpoint whose trunk initialises the Siamese trunk (skipped if shapes differ)."""
+    grad_floor: float = 0.0
+    """Backward-only floor on the dot products' gradient: d<E1, E2>/dE1 = E2 + grad_floor (the
+    loss value is unchanged). 0: the exact gradient, which vanishes where both blocks are zero."""
 
     def build_model(self) -> torch.nn.Module:
         model = super().build_model()
@@ -142,7 +145,7 @@ class SiameseTask(BaseTask):
         n = batch["image_a"].shape[0]
         # One forward over both images: DDP expects one forward per backward.
         e = model(torch.cat([batch["image_a"], batch["image_b"]]))
-        return F.mse_loss(pair_dots(e[:n], e[n:]), batch["target"].float())
+        return F.mse_loss(pair_dots(e[:n], e[n:], self.grad_floor), batch["target"].float())
 
     def validate(self, model, device, final: bool) -> dict[str, Any]:
         dots, targets, norms, labels = [], [], [], []
