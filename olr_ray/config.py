@@ -205,6 +205,11 @@ class DecoderConfig:
     """Learning rate (paper: 1e-4, the paper preset; 1e-3 reaches the demo's SSIM in fewer epochs)."""
     optimizer: Literal["rmsprop", "adam"] = "rmsprop"
     """Optimizer (paper: RMSProp)."""
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """Per-epoch learning rate: constant (the paper and its preset), or cosine decay over the epochs
+    (2 epochs: 1e-3, then 5e-4). On the demo's embeddings, cosine against constant at 2 epochs: editing
+    add 0.452 -> 0.497, reconstruction label recall 0.686 -> 0.701, SSIM 0.327 -> 0.330, remove
+    0.873 -> 0.832; a third constant epoch gave add 0.507 for about 170 s more."""
     alpha: float = 0.5
     """Loss weight: alpha*(1-SSIM) + (1-alpha)*MSE(x, minmax(out)) (paper: 0.5)."""
     label_weight: float = 0.0
@@ -334,8 +339,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"source": "s3://YOUR-BUCKET/celeba", "image_size": 178, "label_noise": 0.0},
         "classifier": {"epochs": 15, "batch_size": 128, "width": 64},
         "siamese": {"epochs": 30, "batch_size": 64, "width": 64, "k": 32, "label_kernel": 3, "occlusion_prob": 1.0},
-        "decoder": {"epochs": 50, "batch_size": 64, "lr": 1e-4, "optimizer": "rmsprop", "alpha": 0.5,
-                    "width": 512, "channels": 64},
+        "decoder": {"epochs": 50, "batch_size": 64, "lr": 1e-4, "optimizer": "rmsprop", "lr_schedule": "constant",
+                    "alpha": 0.5, "width": 512, "channels": 64},
         "embed": {"batch_size": 512},
     },
 }

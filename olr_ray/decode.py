@@ -72,7 +72,7 @@ def stage_decoder(run, plan) -> dict[str, Any]:
         model_args=dict(num_labels=len(names), k=run.cfg.siamese.k, image_size=info["image_size"], width=d.width,
                         channels=d.channels),
         label_names=names, epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, seed=run.cfg.seed,
-        threads=plan.threads_per_worker, optimizer=d.optimizer, alpha=d.alpha,
+        threads=plan.threads_per_worker, optimizer=d.optimizer, lr_schedule=d.lr_schedule, alpha=d.alpha,
         label_weight=d.label_weight, classifier_uri=run.stage("classifier")["checkpoint"],
         edit_weight=d.edit_weight, siamese_uri=run.stage("siamese")["checkpoint"],
         checkpoint_dir=run.path("checkpoints", "decoder"),

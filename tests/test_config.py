@@ -20,6 +20,7 @@ def test_demo_preset_is_the_documented_default():
 def test_paper_preset_keeps_the_papers_decoder_and_occlusion():
     cfg = build_config("paper")
     assert cfg.decoder.lr == 1e-4 and cfg.decoder.optimizer == "rmsprop" and cfg.decoder.alpha == 0.5
+    assert cfg.decoder.lr_schedule == "constant" and build_config("demo").decoder.lr_schedule == "cosine"
     assert cfg.siamese.occlusion_prob == 1.0 and cfg.siamese.k == 32 and cfg.data.image_size == 178
 
 
