@@ -63,6 +63,10 @@ def test_metrics_json_has_every_key(smoke):
     assert not missing, missing
     assert set(metrics["classifier.test_mean_accuracy_per_label"]) == set(smoke.stage("data")["label_names"])
     assert 0 <= metrics["probe.test_mean_accuracy"] <= 1 and -1 <= metrics["correlation.vs_label_corr_r"] <= 1
+    # Synthetic runs also judge exact edits (the face redrawn with the label set), per label.
+    for key in ("editing.exact_add_success", "editing.exact_remove_success", "editing.exact_others_preserved"):
+        assert 0 <= metrics[key] <= 1, key
+    assert set(metrics["editing.exact_add_success_per_label"]) == set(smoke.stage("data")["label_names"])
 
 
 def test_embedding_schema_and_metadata(smoke):

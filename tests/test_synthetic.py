@@ -131,6 +131,26 @@ def test_flip_and_render_changes_only_that_attribute() -> None:
         assert d[rows].sum() > 0.9 * d.sum(), (name, d[rows].sum() / d.sum())
 
 
+def test_set_and_render_draws_the_same_face_with_one_attribute_set() -> None:
+    idx = np.arange(32)
+    true = syn.sample_attributes(0, idx)
+    for name in ("Wearing_Hat", "Mustache", "Eyeglasses", "Male"):
+        j = A[name]
+        orig, flip, _, _ = syn.flip_and_render(idx, name)
+        for value in (0, 1):
+            img, attrs = syn.set_and_render(idx, name, value, seed=0, size=64)
+            assert (attrs[:, j] == value).all(), name
+            np.testing.assert_array_equal(np.delete(attrs, j, 1), np.delete(true, j, 1))
+            # Faces that already had the value come out as drawn; the others as flip_and_render draws them.
+            kept = true[:, j] == value
+            np.testing.assert_array_equal(img[kept], orig[kept])
+            np.testing.assert_array_equal(img[~kept], flip[~kept])
+    with pytest.raises(ValueError, match="value must be 0 or 1"):
+        syn.set_and_render(idx, "Male", 2)
+    with pytest.raises(ValueError, match="out of range"):
+        syn.set_and_render(idx, 40, 1)
+
+
 def test_write_celeba_folder_format(tmp_path: "os.PathLike[str]") -> None:
     out = str(tmp_path / "celeba")
     summary = syn.write_celeba_folder(out, n=60, size=40, seed=5, label_noise=0.05,

@@ -45,6 +45,8 @@ _HEADLINE_LEAVES = (
     "add_success_reembedded",
     "remove_success_reembedded",
     "others_preserved_reembedded",
+    "exact_add_success",
+    "exact_remove_success",
     "own_block_fraction",
 )
 

@@ -1072,6 +1072,29 @@ def flip_and_render(indices: np.ndarray, attribute: str | int, seed: int = 0, si
     return render(true, seed, idx, size), render(flipped, seed, idx, size), true, flipped
 
 
+def set_and_render(indices: np.ndarray, attribute: str | int, value: int, seed: int = 0, size: int = 64
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The same faces drawn with one attribute set to ``value`` (0 or 1) and every other as sampled.
+
+    The exact one-attribute edit, "add" (``value=1``) or "remove" (``value=0``): the analysis
+    judges these renders with the classifier, as it judges decoded edits, to separate what the
+    judge accepts from what the decoder draws. Other attributes are not re-conditioned, as an edit
+    of one embedding block leaves the other blocks alone.
+
+    Returns:
+        ``(images, attrs)``: uint8 (N, size, size, 3) and the int8 (N, 40) attributes drawn.
+    """
+    j = ATTRIBUTE_INDEX[attribute] if isinstance(attribute, str) else int(attribute)
+    if not 0 <= j < len(ATTRIBUTES):
+        raise ValueError(f"attribute index {j} out of range 0..{len(ATTRIBUTES) - 1}")
+    if value not in (0, 1):
+        raise ValueError(f"value must be 0 or 1, got {value!r}")
+    idx = _as_indices(indices)
+    attrs = sample_attributes(seed, idx)
+    attrs[:, j] = value
+    return render(attrs, seed, idx, size), attrs
+
+
 class _GenerateBatch:
     """Ray Data batch function: turns a batch of ``id`` rows into images and labels."""
 
