@@ -55,6 +55,9 @@ def test_run_layout(smoke):
     assert {"correlation_pair.png", "pca_ranked_strip.png", "reconstructions.png", "gaussians.npz"} <= figures
     report = open(os.path.join(root, "report.md")).read()
     assert "analysis/correlation_pair.png" in report and "probe.test_mean_accuracy" in report
+    # Edit grids: on synthetic runs each shows the original and the exact add beside the decoded edits.
+    assert "edit_Eyeglasses.png" in figures
+    assert "### Editing Eyeglasses: original, reconstruction," in report and "the exact add" in report
 
 
 def test_metrics_json_has_every_key(smoke):

@@ -202,7 +202,14 @@ def stage_analysis(run, plan) -> dict[str, Any]:
             names, fig("editing_per_label.png"), "Editing success per label",
             ylabel="fraction of eligible test images", bar=0.7)
         out["editing.add_success_by_scale"] = {str(s): float(np.mean(v)) if v else float("nan") for s, v in by_scale.items()}
-        figs.update(_editing_figures(decoder, g, E0, names, cfg.edit_scales, fig, run.cfg.seed))
+        redraw = None
+        if exact:
+            from olr_ray.data import synthetic
+
+            def redraw(name: str) -> np.ndarray:
+                return synthetic.set_and_render(test.uids[:4], name, 1, run.cfg.seed, size)[0]
+        figs.update(_editing_figures(decoder, g, E0, names, cfg.edit_scales, fig, run.cfg.seed,
+                                     originals=test_images[:n_edit], exact=redraw))
 
     # 6. Block disentanglement on the synthetic faces: flip one attribute, measure where E moves.
     if info.get("kind") == "synthetic" and cfg.disentangle_faces > 0:
@@ -240,7 +247,19 @@ def _curves(history: list[dict[str, Any]]) -> dict[str, list[float]]:
     return {k: [float(h.get(k, np.nan)) for h in history] for k in keys}
 
 
-def _editing_figures(decoder, g, E0, names, scales, fig, seed) -> dict[str, str]:
+def _editing_figures(decoder, g, E0, names, scales, fig, seed, originals: np.ndarray | None = None,
+                     exact: Any = None) -> dict[str, str]:
+    """Edit grids for a few showcase labels: reconstruction, adds at each scale, remove.
+
+    With ``originals`` (the edited faces, uint8 NHWC) and ``exact`` (label name -> those faces
+    redrawn with the label set, synthetic runs only), each grid starts with the original and shows
+    the exact add beside the decoded ones: what a perfect add would draw.
+    """
+    from olr_ray.models.nets import crop_to
+
+    def shown_as_decoded(images: np.ndarray) -> torch.Tensor:
+        return crop_to(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0, decoder.output_size)
+
     figs = {}
     n = min(4, len(E0))
     shown = [l for l in EDIT_SHOWCASE if l in names][:4] or names[:4]
@@ -249,17 +268,24 @@ def _editing_figures(decoder, g, E0, names, scales, fig, seed) -> dict[str, str]
         if g["empty"][l]:
             continue
         rows, base = [], decoder.reconstruct(torch.from_numpy(E0[:n]))
-        cols = [base]
+        cols, titles = [base], ["reconstruction"]
+        if originals is not None:
+            cols, titles = [shown_as_decoded(originals[:n])] + cols, ["original"] + titles
         for s in scales:
             cols.append(decoder.reconstruct(torch.from_numpy(M.edit_embeddings(E0[:n], l, "add", g, scale=s, seed=seed + l))))
+            titles.append(f"+{label} s={s}")
         cols.append(decoder.reconstruct(torch.from_numpy(M.edit_embeddings(E0[:n], l, "remove", g))))
+        titles.append(f"-{label}")
+        if exact is not None:
+            cols.append(shown_as_decoded(exact(label)[:n]))
+            titles.append(f"+{label} exact")
         with torch.inference_mode():
             for i in range(n):
                 rows.append([c[i].detach().numpy() for c in cols])
-        figs[f"Editing {label}: add with s in {scales}, then remove"] = P.plot_image_grid(
-            rows, fig(f"edit_{label}.png"),
-            col_titles=["reconstruction"] + [f"+{label} s={s}" for s in scales] + [f"-{label}"],
-            title=f"Editing {label}")
+        what = "original, reconstruction, " if originals is not None else ""
+        what += f"add with s in {list(scales)}, remove" + (", and the exact add (the face redrawn with the label)" if exact is not None else "")
+        figs[f"Editing {label}: {what}"] = P.plot_image_grid(
+            rows, fig(f"edit_{label}.png"), col_titles=titles, title=f"Editing {label}")
     return figs
 
 
