@@ -83,11 +83,11 @@ class ClassifierConfig:
     more it reads a label from its correlates. 0.5 -> 0.25 on the demo, two runs each: editing add
     0.442, 0.442 -> 0.495, 0.515; exact one-attribute adds 0.714 -> 0.735; remove 0.86-0.88 ->
     0.88-0.89; norm/label correlation r 0.959 -> 0.950, 0.955; dot R^2 0.952 -> 0.944; probe and
-    classifier accuracy unchanged. 0 trains on clean images only, as the paper does: on the demo that judges edits more
-    by each label's own cue (editing add 0.442 -> 0.514, exact one-attribute adds 0.670 -> 0.695)
-    but labels the occluded pairs worse (Siamese val MSE 0.0028 -> 0.0070, dot R^2 0.952 -> 0.877,
-    norm/label correlation r 0.959 -> 0.895) and lets the blocks of Bald, Pale_Skin and Rosy_Cheeks
-    collapse."""
+    classifier accuracy unchanged. 0 trains on clean images only, as the paper does; against 0.5
+    on the demo it judges edits more by each label's own cue (editing add 0.442 -> 0.514, exact
+    one-attribute adds over 320 faces 0.670 -> 0.695) but labels the occluded pairs worse (Siamese
+    val MSE 0.0028 -> 0.0070, dot R^2 0.952 -> 0.877, norm/label correlation r 0.959 -> 0.895) and
+    lets the blocks of Bald, Pale_Skin and Rosy_Cheeks collapse."""
 
     def validate(self, p: list[str], pre: str = "classifier") -> None:
         _check(p, self.epochs >= 1, f"{pre}.epochs", f"expected >= 1, got {self.epochs!r}")

@@ -1048,6 +1048,14 @@ def generate(indices: np.ndarray, seed: int = 0, size: int = 64,
     }
 
 
+def _attribute_column(attribute: str | int) -> int:
+    """Column of an attribute given by name or index, checked against ``ATTRIBUTES``."""
+    j = ATTRIBUTE_INDEX[attribute] if isinstance(attribute, str) else int(attribute)
+    if not 0 <= j < len(ATTRIBUTES):
+        raise ValueError(f"attribute index {j} out of range 0..{len(ATTRIBUTES) - 1}")
+    return j
+
+
 def flip_and_render(indices: np.ndarray, attribute: str | int, seed: int = 0, size: int = 64
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The same faces drawn as sampled and with one attribute flipped.
@@ -1062,9 +1070,7 @@ def flip_and_render(indices: np.ndarray, attribute: str | int, seed: int = 0, si
         ``(original_images, flipped_images, true_attrs, flipped_attrs)``; only the one attribute
         differs between the two attribute arrays (other attributes are not re-conditioned).
     """
-    j = ATTRIBUTE_INDEX[attribute] if isinstance(attribute, str) else int(attribute)
-    if not 0 <= j < len(ATTRIBUTES):
-        raise ValueError(f"attribute index {j} out of range 0..{len(ATTRIBUTES) - 1}")
+    j = _attribute_column(attribute)
     idx = _as_indices(indices)
     true = sample_attributes(seed, idx)
     flipped = true.copy()
@@ -1084,9 +1090,7 @@ def set_and_render(indices: np.ndarray, attribute: str | int, value: int, seed: 
     Returns:
         ``(images, attrs)``: uint8 (N, size, size, 3) and the int8 (N, 40) attributes drawn.
     """
-    j = ATTRIBUTE_INDEX[attribute] if isinstance(attribute, str) else int(attribute)
-    if not 0 <= j < len(ATTRIBUTES):
-        raise ValueError(f"attribute index {j} out of range 0..{len(ATTRIBUTES) - 1}")
+    j = _attribute_column(attribute)
     if value not in (0, 1):
         raise ValueError(f"value must be 0 or 1, got {value!r}")
     idx = _as_indices(indices)
