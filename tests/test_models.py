@@ -223,3 +223,19 @@ def test_decoder_edit_term_is_siamese_reembedding_mse_and_trains_only_the_decode
     assert all(p.grad is not None for p in model.parameters())
     assert not sia.training and all(p.grad is None and not p.requires_grad for p in sia.parameters())
 
+
+
+def test_decoder_validation_draws_the_same_edits_every_epoch(tmp_path):
+    # val_loss carries the edit term; with fresh random edits at each validation it would move between
+    # epochs even for an unchanged model, and the curve could not be read.
+    task = _edit_task(tmp_path, edit_weight=3.0)
+    torch.manual_seed(3)
+    model = task.build_model().eval()
+    batch = {"embedding": torch.rand(8, L, K), "image": torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)}
+    task.eval_batches = lambda name, device: iter([batch])
+    first = task.validate(model, torch.device("cpu"), final=False)
+    torch.manual_seed(4)  # the global RNG moves on between epochs; the validation edits must not
+    again = task.validate(model, torch.device("cpu"), final=False)
+    assert again["val_loss"] == first["val_loss"]
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(task.random_edits(batch["embedding"], gen()), task.random_edits(batch["embedding"], gen()))

@@ -249,14 +249,19 @@ class DecoderTask(BaseTask):
                                          for a in (self.edit_mean, self.edit_chol))
         return cache[device, dtype]
 
-    def random_edits(self, E: torch.Tensor) -> torch.Tensor:
-        """One random block per row edited: half the rows get a sample of that label's Gaussian, half a zero block."""
+    def random_edits(self, E: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One random block per row edited: half the rows get a sample of that label's Gaussian, half a zero block.
+
+        ``generator`` (on ``E``'s device) makes the edits repeatable; validation passes a freshly
+        seeded one, so every epoch's ``val_loss`` is measured on the same edits.
+        """
         n, L, k = E.shape
         mean, chol = self._edit_tensors(E.device, E.dtype)
         rows = torch.arange(n, device=E.device)
-        label = torch.randint(0, L, (n,), device=E.device)
-        sample = mean[label] + torch.einsum("nij,nj->ni", chol[label], torch.randn(n, k, device=E.device, dtype=E.dtype))
-        add = torch.rand(n, device=E.device) < 0.5
+        label = torch.randint(0, L, (n,), device=E.device, generator=generator)
+        z = torch.randn(n, k, device=E.device, dtype=E.dtype, generator=generator)
+        sample = mean[label] + torch.einsum("nij,nj->ni", chol[label], z)
+        add = torch.rand(n, device=E.device, generator=generator) < 0.5
         out = E.clone()
         out[rows, label] = torch.where(add[:, None], sample, torch.zeros_like(sample))
         return out
@@ -266,14 +271,15 @@ class DecoderTask(BaseTask):
         rec = Decoder.rescale(out)
         return F.mse_loss(self._frozen(self.siamese_uri, rec.device)(self.as_input(rec, image_size)), edited)
 
-    def _losses(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, SSIM, MSE, the decoded images minmax-scaled to [0, 1])."""
+    def _losses(self, model, batch, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, SSIM, MSE, the decoded images minmax-scaled to [0, 1]); ``generator`` draws the edits."""
         from pytorch_msssim import ssim
 
         m = getattr(model, "module", model)
         x = self._target(m, batch["image"])
         E = batch["embedding"].float().view(len(x), m.num_labels, m.k)
-        edited = self.random_edits(E) if self.edit_weight > 0 else None
+        edited = self.random_edits(E, generator) if self.edit_weight > 0 else None
         # One forward pass for the batch and its edits: DDP expects one forward per backward.
         out = model(E if edited is None else torch.cat([E, edited]))
         out, out_edited = out[:len(E)], out[len(E):]
@@ -297,8 +303,9 @@ class DecoderTask(BaseTask):
 
         loss_sum = ssim_sum = psnr_sum = acc_sum = 0.0
         count = acc_count = 0
+        edits = torch.Generator(device=device).manual_seed(0)  # the same edits every epoch
         for batch in self.eval_batches("valid", device):
-            loss, _, _, rec = self._losses(model, batch)
+            loss, _, _, rec = self._losses(model, batch, edits)
             x = self._target(model, batch["image"])
             win = 11 if model.output_size >= 44 else 7
             n = len(x)
