@@ -267,8 +267,10 @@ class AnalysisConfig:
     """Label whose vectors are analysed with PCA (paper: Mouth_Slightly_Open)."""
     probe_epochs: int = 200
     """Full-batch epochs of the linear probe."""
-    edit_images: int = 64
-    """Test images edited per label for the editing metrics."""
+    edit_images: int = 256
+    """Test images edited per label for the editing metrics (and, on synthetic runs, the exact edits).
+    At 64 the same embeddings decoded with another sampling seed moved add success by 0.04; 256
+    costs about 1.5 more minutes of analysis on the demo."""
     edit_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
     """Scales s of the sampled block in the editing sweep."""
     disentangle_faces: int = 256
