@@ -270,7 +270,7 @@ class AnalysisConfig:
     edit_images: int = 256
     """Test images edited per label for the editing metrics (and, on synthetic runs, the exact edits).
     At 64 the same embeddings decoded with another sampling seed moved add success by 0.04; 256
-    costs about 1.5 more minutes of analysis on the demo."""
+    costs about 2 more minutes of analysis on the demo (217 s against 110 s)."""
     edit_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
     """Scales s of the sampled block in the editing sweep."""
     disentangle_faces: int = 256
@@ -341,7 +341,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decoder": {"epochs": 1, "batch_size": 32, "width": 32, "channels": 8},
         "analysis": {"probe_epochs": 50, "edit_images": 16, "disentangle_faces": 32},
     },
-    # The default: synthetic 64x64, 20,000 images, 17 minutes on 2 cores (editing add success: see README).
+    # The default: synthetic 64x64, 20,000 images, about 25 minutes on 2 cores (editing add success: see README).
     "demo": {},
     # The paper's setting: CelebA 178x178, L=38, k=32, GPU workers.
     "paper": {
