@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config file, applied on top of the preset")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                    help="smoke: tiny, minutes on 2 CPUs (CI); demo: synthetic 64x64, 20k images, "
-                        "<=20 min on 2 CPUs (default); paper: CelebA 178x178, GPU workers")
+                        "about 25 min on 2 CPUs (default); paper: CelebA 178x178, GPU workers")
     p.add_argument("--data", metavar="synthetic|PATH|s3://...",
                    help="image source: built-in synthetic faces or a CelebA-format folder (data.source)")
     p.add_argument("--output", default=os.environ.get("OLR_OUTPUT", "./runs"), metavar="PATH|s3://...",
