@@ -127,6 +127,9 @@ def test_job_on_a_corrupt_custom_folder_through_s3_slowdown(tmp_path, s3_endpoin
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert faults > 0 and requests > 100
+    # The local Ray serves the state API (its dashboard, on 127.0.0.1), so Ray Train's placement-group
+    # cleaner gets its answers instead of warning once a second.
+    assert "Failed to query Ray Train Controller" not in out
 
     manifest = storage.read_json(f"{run}/manifest.json")
     assert [n for n, st in manifest["stages"].items() if st["status"] == "done"] == ["data", "classifier", "siamese",
