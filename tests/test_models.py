@@ -224,7 +224,6 @@ def test_decoder_edit_term_is_siamese_reembedding_mse_and_trains_only_the_decode
     assert not sia.training and all(p.grad is None and not p.requires_grad for p in sia.parameters())
 
 
-
 def test_decoder_validation_draws_the_same_edits_every_epoch(tmp_path):
     # val_loss carries the edit term; with fresh random edits at each validation it would move between
     # epochs even for an unchanged model, and the curve could not be read.

@@ -65,7 +65,6 @@ def reembed(siamese, rec: torch.Tensor, size: int) -> np.ndarray:
 
 def stage_analysis(run, plan) -> dict[str, Any]:
     from olr_ray.models import load_checkpoint
-    from olr_ray.models.nets import crop_to
 
     cfg, info = run.cfg.analysis, run.stage("data")
     names: list[str] = info["label_names"]
@@ -119,7 +118,7 @@ def stage_analysis(run, plan) -> dict[str, Any]:
         decoder, dstate = load_checkpoint(dec_uri)
         Et = torch.from_numpy(test.E)
         rec = _batched(decoder.reconstruct, Et)
-        x = crop_to(torch.from_numpy(test_images).permute(0, 3, 1, 2).float() / 255.0, decoder.output_size)
+        x = decoder.target(test_images)
         ssim, psnr = M.ssim_psnr(rec, x)
         out["reconstruction.test_ssim"], out["reconstruction.test_psnr"] = float(ssim), float(psnr)
         # The classifier on the decoded test faces: how much of each label survives decoding, the
@@ -209,7 +208,7 @@ def stage_analysis(run, plan) -> dict[str, Any]:
             def redraw(name: str) -> np.ndarray:
                 return synthetic.set_and_render(test.uids[:4], name, 1, run.cfg.seed, size)[0]
         figs.update(_editing_figures(decoder, g, E0, names, cfg.edit_scales, fig, run.cfg.seed,
-                                     originals=test_images[:n_edit], exact=redraw))
+                                     originals=x[:n_edit], exact=redraw))
 
     # 6. Block disentanglement on the synthetic faces: flip one attribute, measure where E moves.
     if info.get("kind") == "synthetic" and cfg.disentangle_faces > 0:
@@ -247,19 +246,15 @@ def _curves(history: list[dict[str, Any]]) -> dict[str, list[float]]:
     return {k: [float(h.get(k, np.nan)) for h in history] for k in keys}
 
 
-def _editing_figures(decoder, g, E0, names, scales, fig, seed, originals: np.ndarray | None = None,
+def _editing_figures(decoder, g, E0, names, scales, fig, seed, originals: torch.Tensor | None = None,
                      exact: Any = None) -> dict[str, str]:
     """Edit grids for a few showcase labels: reconstruction, adds at each scale, remove.
 
-    With ``originals`` (the edited faces, uint8 NHWC) and ``exact`` (label name -> those faces
-    redrawn with the label set, synthetic runs only), each grid starts with the original and shows
-    the exact add beside the decoded ones: what a perfect add would draw.
+    With ``originals`` (the edited faces as ``decoder.target`` shows them) and ``exact`` (label
+    name -> those faces redrawn with the label set, uint8 NHWC, synthetic runs only), each grid
+    starts with the original and shows the exact add beside the decoded ones: what a perfect add
+    would draw.
     """
-    from olr_ray.models.nets import crop_to
-
-    def shown_as_decoded(images: np.ndarray) -> torch.Tensor:
-        return crop_to(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0, decoder.output_size)
-
     figs = {}
     n = min(4, len(E0))
     shown = [l for l in EDIT_SHOWCASE if l in names][:4] or names[:4]
@@ -270,14 +265,14 @@ def _editing_figures(decoder, g, E0, names, scales, fig, seed, originals: np.nda
         rows, base = [], decoder.reconstruct(torch.from_numpy(E0[:n]))
         cols, titles = [base], ["reconstruction"]
         if originals is not None:
-            cols, titles = [shown_as_decoded(originals[:n])] + cols, ["original"] + titles
+            cols, titles = [originals[:n]] + cols, ["original"] + titles
         for s in scales:
             cols.append(decoder.reconstruct(torch.from_numpy(M.edit_embeddings(E0[:n], l, "add", g, scale=s, seed=seed + l))))
             titles.append(f"+{label} s={s}")
         cols.append(decoder.reconstruct(torch.from_numpy(M.edit_embeddings(E0[:n], l, "remove", g))))
         titles.append(f"-{label}")
         if exact is not None:
-            cols.append(shown_as_decoded(exact(label)[:n]))
+            cols.append(decoder.target(exact(label)[:n]))
             titles.append(f"+{label} exact")
         with torch.inference_mode():
             for i in range(n):

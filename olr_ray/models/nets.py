@@ -228,6 +228,12 @@ class Decoder(nn.Module):
         """Images in [0, 1], (N, 3, out, out)."""
         return self.rescale(self.forward(e))
 
+    def target(self, images: Any) -> torch.Tensor:
+        """uint8 (N, H, W, 3) images (tensor or array) as this decoder is trained against and its
+        reconstructions are compared with: [0, 1], (N, 3, out, out), centre-cropped."""
+        x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
+        return crop_to(x, self.output_size)
+
 
 def crop_to(x: torch.Tensor, size: int) -> torch.Tensor:
     """Centre-crop NCHW images to ``size`` (the decoder's output side)."""

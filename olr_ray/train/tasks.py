@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from olr_ray.models import Decoder, create_model
-from olr_ray.models.nets import crop_to, pair_dots
+from olr_ray.models.nets import pair_dots
 
 
 @dataclass
@@ -216,10 +216,6 @@ class DecoderTask(BaseTask):
     shuffle_buffer: int | None = 1024
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def _target(self, model: Decoder, image: torch.Tensor) -> torch.Tensor:
-        x = image.permute(0, 3, 1, 2).float() / 255.0
-        return crop_to(x, model.output_size)
-
     def _frozen(self, uri: str, device) -> torch.nn.Module:
         """A frozen trained model (classifier or Siamese), loaded once per worker, off the optimizer."""
         cache = self.__dict__.setdefault("_frozen_models", {})
@@ -277,7 +273,7 @@ class DecoderTask(BaseTask):
         from pytorch_msssim import ssim
 
         m = getattr(model, "module", model)
-        x = self._target(m, batch["image"])
+        x = m.target(batch["image"])
         E = batch["embedding"].float().view(len(x), m.num_labels, m.k)
         edited = self.random_edits(E, generator) if self.edit_weight > 0 else None
         # One forward pass for the batch and its edits: DDP expects one forward per backward.
@@ -306,7 +302,7 @@ class DecoderTask(BaseTask):
         edits = torch.Generator(device=device).manual_seed(0)  # the same edits every epoch
         for batch in self.eval_batches("valid", device):
             loss, _, _, rec = self._losses(model, batch, edits)
-            x = self._target(model, batch["image"])
+            x = model.target(batch["image"])
             win = 11 if model.output_size >= 44 else 7
             n = len(x)
             ssim_sum += float(ssim(rec, x, data_range=1.0, size_average=True, win_size=win)) * n
