@@ -3,6 +3,7 @@
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,6 +64,9 @@ def head(tmp_path):
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 continue
         subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
+        # The head's session folder (logs, sockets, ~7 MB) is outside tmp_path to keep socket paths
+        # short, so it is removed here rather than left in /tmp after every run.
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_job_submit_runs_the_pipeline(head, tmp_path):
