@@ -67,7 +67,14 @@ def test_cosine_schedule_decays_per_epoch_and_resumes_where_it_left(tiny, tmp_pa
     res = fit(task, {"train": ds, "valid": val, "test": val}, plan_resources(0), str(tmp_path / "checkpoints"))
     expected = [3e-3 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]
     assert [h["lr"] for h in res.history] == pytest.approx(expected)
-    # A resumed attempt starts at the schedule's value for its epoch, not at the base rate.
+    # Interrupted after epoch 2: the resumed epoch 3 trains at the uninterrupted run's rate. The loaded
+    # optimizer's rate is already annealed, so stepping a cosine from it would anneal it twice.
+    ckpt = tmp_path / "checkpoints" / "classifier"
+    storage.write_json(str(ckpt / "latest.json"), {"epoch": 2, "file": "epoch-0002.pt"})
+    resumed = fit(task, {"train": ds, "valid": val, "test": val}, plan_resources(0), str(tmp_path / "checkpoints"))
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert [h["lr"] for h in resumed.history] == pytest.approx(expected)
+    # A fresh optimizer started at a later epoch is set to the schedule's value there, not the base rate.
     opt = torch.optim.AdamW(task.build_model().parameters(), lr=3e-3)
     task.build_scheduler(opt, start_epoch=2)
     assert opt.param_groups[0]["lr"] == pytest.approx(expected[2])

@@ -6,6 +6,7 @@ through ``ray.train.get_dataset_shard`` only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,13 +48,19 @@ class BaseTask:
         return torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer, start_epoch: int):
-        """The per-epoch learning-rate schedule, advanced to ``start_epoch`` on resume (None: constant)."""
+        """The per-epoch learning-rate schedule, set to its value at ``start_epoch`` (None: constant).
+
+        Cosine from the base rate to 0 over ``epochs``, in closed form from the base rate, so a resumed
+        optimizer (whose loaded rate is already annealed) lands on the same rate as an uninterrupted
+        run. ``CosineAnnealingLR`` steps recursively from the current rate and would anneal it twice.
+        """
         if self.lr_schedule != "cosine":
             return None
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
-        for _ in range(start_epoch):
-            scheduler.step()
-        return scheduler
+        for group in optimizer.param_groups:  # a loaded optimizer keeps the base rate here
+            group.setdefault("initial_lr", group["lr"])
+        epochs = self.epochs
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e: (1 + math.cos(math.pi * min(e, epochs) / epochs)) / 2, last_epoch=start_epoch - 1)
 
     def train_dataset(self, epoch: int) -> str:
         return "train"
