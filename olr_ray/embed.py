@@ -140,8 +140,10 @@ def commit(embeddings_uri: str, staging_uri: str, parts: list[tuple[str, int]], 
     success = storage.join(embeddings_uri, SUCCESS)
     storage.delete_file(success)
     keep = {name for name, _ in parts}
+    # Compare resolved paths: list_files returns absolute local paths, whatever ./, ~ or file:// the URI had.
+    _, base = storage.resolve(embeddings_uri)
     for old in storage.list_files(embeddings_uri, ".parquet"):
-        rel = old[len(embeddings_uri.rstrip("/")) + 1:]
+        rel = storage.resolve(old)[1][len(base) + 1:]
         if "/" not in rel and rel not in keep:  # a leftover of an earlier, different commit
             storage.delete_file(old)
     for name, _ in parts:

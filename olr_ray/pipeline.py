@@ -331,6 +331,8 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
     run.manifest["resources"] = plan.__dict__
     fns = stage_functions()
     wanted = stages or list(STAGES)
+    if run.done("data"):
+        check_options_against_data(run, wanted)
     for name in STAGES:
         if name not in wanted:
             continue
@@ -355,7 +357,19 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
         run.metrics[f"timing.{name}_seconds"] = st["seconds"]
         run.save()
         progress(f"[{name}] done in {st['seconds']:.1f}s")
+        if name == "data":
+            check_options_against_data(run, wanted)
     return run
+
+
+def check_options_against_data(run: Run, wanted: list[str]) -> None:
+    """Options that name a label must name one of the data's, checked before any training starts."""
+    names = run.stage("data").get("label_names") or []
+    label = run.cfg.analysis.pca_label
+    if "analysis" in wanted and label not in names:
+        raise ValueError(f"analysis.pca_label={label!r} is not a label of {run.cfg.data.source!r}; expected one "
+                         f"of: {', '.join(names)}. The data stage is done: start a new --run-id with "
+                         f"analysis.pca_label=<label>")
 
 
 def summary(run: Run) -> str:

@@ -353,6 +353,12 @@ def test_report_contains_numbers_figures_and_paper(tmp_path) -> None:
     assert "probe.test_mean_accuracy" in head and "pca.explained_variance_ratio.0" in head
 
 
+def test_report_compares_the_paper_pca_only_for_its_label(tmp_path) -> None:
+    metrics = {"pca": {"label": "Smiling", "explained_variance_ratio": [0.5, 0.2]}}
+    text = open(write_report(str(tmp_path), metrics, {}, paper_reference=True)).read()
+    assert "PCA of the 'Smiling' (paper: 'Mouth_Slightly_Open') block, 1st component variance | 67.5% | 50.0%" in text
+
+
 def test_report_without_paper_reference(tmp_path) -> None:
     text = open(write_report(str(tmp_path), {"x": 1.5}, {}, paper_reference=False)).read()
     assert "91.6%" not in text and re.search(r"`x` \| 1\.5000", text)

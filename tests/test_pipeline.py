@@ -58,6 +58,8 @@ def test_run_layout(smoke):
     # Edit grids: on synthetic runs each shows the original and the exact add beside the decoded edits.
     assert "edit_Eyeglasses.png" in figures
     assert "### Editing Eyeglasses: original, reconstruction," in report and "the exact add" in report
+    # The report is written inside the analysis stage: it names no time for it rather than an old one.
+    assert "stage analysis: wrote this report" in report and "timing.analysis_seconds" not in report
 
 
 def test_metrics_json_has_every_key(smoke):
@@ -181,3 +183,42 @@ def test_rerun_with_same_run_id_skips_done_stages(smoke):
 def test_rerun_with_other_config_is_refused(smoke):
     with pytest.raises(ValueError, match="different config"):
         run_pipeline(build_config("smoke", overrides=["seed=1"]), os.path.dirname(smoke.uri), "smoke")
+
+
+def test_an_option_naming_a_label_the_data_lacks_fails_before_training(smoke):
+    from types import SimpleNamespace
+
+    from olr_ray.pipeline import check_options_against_data
+
+    cfg = build_config("smoke", overrides=["analysis.pca_label=Mouth_Open"])
+    run = SimpleNamespace(cfg=cfg, stage=smoke.stage)
+    with pytest.raises(ValueError, match=r"analysis.pca_label='Mouth_Open' is not a label .*Mouth_Slightly_Open"):
+        check_options_against_data(run, list(STAGES))
+    check_options_against_data(run, ["data", "classifier"])  # no analysis asked for: no PCA label needed
+    check_options_against_data(SimpleNamespace(cfg=build_config("smoke"), stage=smoke.stage), list(STAGES))
+
+
+@pytest.mark.parametrize("spelling", ["relative", "absolute", "file://"])
+def test_a_new_commit_removes_the_parts_of_the_one_before(tmp_path, monkeypatch, spelling):
+    """A re-run of the embed stage names its parts afresh: the earlier commit's parts must go, or a
+    `read_parquet('.../embeddings/*.parquet')` counts rows twice, however --output was spelled."""
+    from olr_ray import storage
+    from olr_ray.embed import commit
+
+    monkeypatch.chdir(tmp_path)
+    uri = {"relative": "runs/r/embeddings", "absolute": str(tmp_path / "runs/r/embeddings"),
+           "file://": f"file://{tmp_path}/runs/r/embeddings"}[spelling]
+
+    def stage_and_commit(uid: int) -> None:
+        name = f"part-{uid:010d}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"uid": [uid, uid + 1]}), sink)
+        storage.write_bytes(storage.join(uri, "_staging", name), sink.getvalue().to_pybytes())
+        commit(uri, storage.join(uri, "_staging"), [(name, 2)], {"k": 8})
+
+    stage_and_commit(0)
+    stage_and_commit(7)
+    folder = tmp_path / "runs" / "r" / "embeddings"
+    assert sorted(p.name for p in folder.glob("*.parquet")) == ["part-0000000007.parquet"]
+    assert json.load(open(folder / "manifest.json"))["files"] == [{"path": "part-0000000007.parquet", "rows": 2}]
+    assert (folder / "_SUCCESS").exists() and not (folder / "_staging").exists()
