@@ -82,18 +82,22 @@ def train_func(config: dict[str, Any]) -> None:
     seed_everything(task.seed, rank)
 
     model = task.build_model()
-    optimizer = task.build_optimizer(model)
     start_epoch, history = 0, []
     state = load_latest(task.checkpoint_dir)
     if state is not None:
         model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
             log.info("[%s] resuming after epoch %d from %s", task.name, state["epoch"] + 1, task.checkpoint_dir)
-    scheduler = task.build_scheduler(optimizer, start_epoch)
     model = ray.train.torch.prepare_model(model) if world > 1 or torch.cuda.is_available() else model
     device = ray.train.torch.get_device() if (world > 1 or torch.cuda.is_available()) else torch.device("cpu")
+    # The optimizer comes after the model is on its device: load_state_dict puts the saved moments on
+    # the parameters' device as it loads, and a later move of the model would leave them on the CPU,
+    # so a resumed GPU run would fail at its first step.
+    optimizer = task.build_optimizer(model)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler = task.build_scheduler(optimizer, start_epoch)
     # Ranks seed identically for the model init above (DDP broadcasts rank 0's anyway), then diverge here.
     torch.manual_seed(task.seed * 7 + rank + 1000 * start_epoch)
 
