@@ -225,8 +225,17 @@ def stage_classifier(run: Run, plan) -> dict[str, Any]:
 
 
 def train_retries(res) -> int:
-    """Storage retries of rank 0 over every attempt of a training stage (from its checkpoint history)."""
-    return int(sum(h.get("storage_retries", 0) for h in res.history[-1:]))
+    """Storage retries of rank 0 over every attempt of a training stage, from its checkpoint history.
+
+    Each epoch records its process's running count, which starts again at 0 in a restarted worker, so
+    a fall marks a new attempt. Retries after an attempt's last checkpoint were never recorded.
+    """
+    total = prev = 0
+    for h in res.history:
+        count = int(h.get("storage_retries", 0))
+        total += count - prev if count >= prev else count
+        prev = count
+    return total
 
 
 def stage_siamese(run: Run, plan) -> dict[str, Any]:

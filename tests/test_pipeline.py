@@ -222,3 +222,14 @@ def test_a_new_commit_removes_the_parts_of_the_one_before(tmp_path, monkeypatch,
     assert sorted(p.name for p in folder.glob("*.parquet")) == ["part-0000000007.parquet"]
     assert json.load(open(folder / "manifest.json"))["files"] == [{"path": "part-0000000007.parquet", "rows": 2}]
     assert (folder / "_SUCCESS").exists() and not (folder / "_staging").exists()
+
+
+def test_storage_retries_of_a_training_stage_add_up_over_restarted_attempts():
+    from types import SimpleNamespace
+
+    from olr_ray.pipeline import train_retries
+
+    # Attempt 1 counted 2 then 5 retries; its worker died, and attempt 2 counted afresh: 1, then 3.
+    history = [{"storage_retries": c} for c in (2, 5, 1, 3)]
+    assert train_retries(SimpleNamespace(history=history)) == 8
+    assert train_retries(SimpleNamespace(history=[{"epoch": 1}])) == 0
