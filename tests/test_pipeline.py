@@ -60,6 +60,10 @@ def test_run_layout(smoke):
     assert "### Editing Eyeglasses: original, reconstruction," in report and "the exact add" in report
     # The report is written inside the analysis stage: it names no time for it rather than an old one.
     assert "stage analysis: wrote this report" in report and "timing.analysis_seconds" not in report
+    # The definitions a reader needs come with the numbers, with this run's sizes in them.
+    assert "## How the numbers are measured" in report and "resized (bilinear) to 32x32" in report
+    metrics = json.load(open(os.path.join(root, "metrics.json")))
+    assert 0.0 <= metrics["reconstruction.classifier_mean_accuracy_cropped_originals"] <= 1.0
 
 
 def test_metrics_json_has_every_key(smoke):
