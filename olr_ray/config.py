@@ -371,6 +371,11 @@ def _coerce(value: Any, hint: Any, key: str, p: list[str]) -> Any:
             p.append(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; Python reads it as a number
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             p.append(f"{key}: expected a number, got {value!r}")
             return value

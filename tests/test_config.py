@@ -31,6 +31,15 @@ def test_overrides_are_typed_and_nested():
     assert cfg.analysis.edit_scales == [1.0, 2.0]
 
 
+def test_exponent_floats_are_numbers_in_overrides_and_files(tmp_path):
+    """YAML 1.1 reads 1e-4 (no dot) as a string; the paper's rate is written exactly that way."""
+    cfg = build_config("smoke", overrides=["decoder.lr=1e-4", "analysis.edit_scales=[5e-1, 1]"])
+    assert cfg.decoder.lr == 1e-4 and cfg.analysis.edit_scales == [0.5, 1.0]
+    f = tmp_path / "c.yaml"
+    f.write_text("classifier:\n  lr: 3e-3\n")
+    assert build_config("smoke", str(f)).classifier.lr == 3e-3
+
+
 def test_all_problems_are_reported_together():
     with pytest.raises(ConfigError) as exc:
         build_config("smoke", overrides=["nope=1", "siamese.k=0", "classifier.lr=abc", "siamese.target=occ",
