@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--use-gpu", choices=["auto", "true", "false"], help="train and embed on GPUs (default auto)")
     p.add_argument("--stages", help=f"comma-separated subset, run in pipeline order: {','.join(STAGES)}")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value overrides may sit between options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,13 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         print("error: invalid configuration:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         return 2
 
-    from olr_ray.pipeline import run_pipeline, summary
+    from olr_ray.data.celeba import DatasetFormatError
+    from olr_ray.pipeline import UsageError, run_pipeline, summary
     from olr_ray.storage import StorageError
 
     try:
         run = run_pipeline(cfg, args.output, args.run_id, stages)
-    except StorageError as exc:  # the message names the operation and the URI, never a credential
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (StorageError, DatasetFormatError) as exc:  # names the file (and line) or the operation and URI,
+        print(f"error: {exc}", file=sys.stderr)     # never a credential
         return 1
     print()
     print(summary(run))

@@ -45,7 +45,8 @@ class DataConfig:
     test_fraction: float = 0.05
     """Test share of the seeded split used when the folder has no list_eval_partition.txt."""
     max_images: int = 0
-    """Read only the first N rows of the attribute file (0: all). For quick trials on big folders."""
+    """Read only N rows of the attribute file, evenly spread over it so every split keeps its share
+    (0: all). For quick trials on big folders."""
 
     def validate(self, p: list[str], pre: str = "data") -> None:
         _check(p, self.n_images >= 8, f"{pre}.n_images", f"expected an integer >= 8, got {self.n_images!r}")

@@ -70,7 +70,7 @@ class Run:
                 run.metrics = storage.read_json(run.path("metrics.json"))
             saved = from_dict(_yaml_load(storage.read_bytes(run.path("config.yaml")).decode()))
             if to_yaml(saved) != to_yaml(cfg):
-                raise ValueError(f"run {run_id} at {uri} was started with a different config; "
+                raise UsageError(f"run {run_id} at {uri} was started with a different config; "
                                  f"use a new --run-id or the same options (see {run.path('config.yaml')})")
             log.info("resuming run %s at %s", run_id, uri)
         else:
@@ -333,13 +333,19 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
     # Storage first: bad credentials, a denied or missing bucket fail here, in seconds, before
     # a Ray cluster is started or joined.
     run = Run.open(cfg, output, run_id or default_run_id(cfg))
-    if storage.is_s3(cfg.data.source):
-        storage.list_files(cfg.data.source.rstrip("/") + "/list_attr_celeba.txt")
+    wanted = stages or list(STAGES)
+    check_stage_order(run, wanted)
+    if "data" in wanted and not run.done("data") and cfg.data.source != "synthetic":
+        from olr_ray.data.celeba import ATTR_FILE, DatasetFormatError
+
+        attr = storage.join(cfg.data.source, ATTR_FILE)
+        if not storage.exists(attr):  # a missing bucket or a denied one raises StorageError here
+            raise DatasetFormatError(f"{attr}: not found; --data takes 'synthetic' or a CelebA-format folder "
+                                     f"({ATTR_FILE}, img_align_celeba/), local or s3://")
     init_ray()
     plan = plan_resources(cfg.num_workers, cfg.use_gpu)
     run.manifest["resources"] = plan.__dict__
     fns = stage_functions()
-    wanted = stages or list(STAGES)
     if run.done("data"):
         check_options_against_data(run, wanted)
     for name in STAGES:
@@ -371,12 +377,32 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
     return run
 
 
+class UsageError(ValueError):
+    """What was asked cannot be done as asked (options, run id, stage order); the message says what to change."""
+
+
+# The stages each one reads the outputs of. The analysis works without a decoder (no reconstruction
+# or editing then), so the decoder is not among its prerequisites.
+PREREQUISITES = {"data": [], "classifier": ["data"], "siamese": ["data", "classifier"],
+                 "embed": ["data", "classifier", "siamese"], "decoder": ["data", "classifier", "siamese", "embed"],
+                 "analysis": ["data", "classifier", "siamese", "embed"]}
+
+
+def check_stage_order(run: Run, wanted: list[str]) -> None:
+    """Every stage asked for has its inputs: each prerequisite is done in this run or asked for too."""
+    for name in wanted:
+        missing = [p for p in PREREQUISITES[name] if p not in wanted and not run.done(p)]
+        if missing:
+            raise UsageError(f"--stages {name}: run {run.run_id} has not done {', '.join(missing)} yet; add "
+                             f"{'it' if len(missing) == 1 else 'them'} to --stages, or leave --stages out")
+
+
 def check_options_against_data(run: Run, wanted: list[str]) -> None:
     """Options that name a label must name one of the data's, checked before any training starts."""
     names = run.stage("data").get("label_names") or []
     label = run.cfg.analysis.pca_label
     if "analysis" in wanted and label not in names:
-        raise ValueError(f"analysis.pca_label={label!r} is not a label of {run.cfg.data.source!r}; expected one "
+        raise UsageError(f"analysis.pca_label={label!r} is not a label of {run.cfg.data.source!r}; expected one "
                          f"of: {', '.join(names)}. The data stage is done: start a new --run-id with "
                          f"analysis.pca_label=<label>")
 

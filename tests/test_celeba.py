@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from olr_ray.data import synthetic
-from olr_ray.data.celeba import DatasetFormatError, decode_image, parse_attr_file, read_celeba
+from olr_ray.data.celeba import DatasetFormatError, decode_image, load_index, parse_attr_file, read_celeba
 from tests.conftest import upload_dir
 
 
@@ -119,3 +119,17 @@ def test_malformed_attribute_file_fails_with_line(text, message):
 def test_folder_without_attribute_file(tmp_path):
     with pytest.raises(DatasetFormatError, match="list_attr_celeba.txt: not found"):
         read_celeba(str(tmp_path))
+
+
+def test_max_images_keeps_every_split(tmp_path):
+    """CelebA's rows run train, valid, test in that order: a trial on a few rows still has a test split."""
+    folder = tmp_path / "ordered"
+    (folder / "img_align_celeba").mkdir(parents=True)
+    ids = [f"{i:06d}.jpg" for i in range(1, 101)]
+    codes = [0] * 80 + [1] * 10 + [2] * 10
+    (folder / "list_attr_celeba.txt").write_text("100\nA B\n" + "".join(f"{i} 1 -1\n" for i in ids))
+    (folder / "list_eval_partition.txt").write_text("".join(f"{i} {c}\n" for i, c in zip(ids, codes)))
+    index, _ = load_index(str(folder), [], max_images=20)
+    splits = index["split"].to_pylist()
+    assert len(splits) == 20 and splits.count("test") == 2 and splits.count("valid") == 2
+    assert index["image_id"][0].as_py() == "000001.jpg" and index["image_id"][19].as_py() == "000100.jpg"

@@ -60,3 +60,11 @@ def test_yaml_config_file(tmp_path):
     f.write_text("siamese: [1, 2]\n")
     with pytest.raises(ConfigError, match="siamese: expected a mapping"):
         build_config("smoke", str(f))
+
+
+def test_cli_takes_overrides_between_options():
+    import jobs.full_pipeline as cli
+
+    args = cli.parse_args(["--preset", "smoke", "siamese.epochs=1", "--data", "/tmp/faces", "decoder.lr=1e-4"])
+    assert args.preset == "smoke" and args.data == "/tmp/faces"
+    assert args.overrides == ["siamese.epochs=1", "decoder.lr=1e-4"]

@@ -76,6 +76,29 @@ def test_storage_misconfiguration_fails_fast_and_clearly(case, s3_endpoint, s3_b
 
 
 # ---------------------------------------------------------------------------------------------
+# What cannot be run as asked stops in seconds, before a Ray starts, with one line saying why.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["no_data_folder", "no_data_bucket", "stage_without_its_inputs"])
+def test_bad_requests_fail_before_ray_with_one_line(case, tmp_path, s3_bucket):
+    args = {"no_data_folder": ["--data", str(tmp_path / "celeb_a")],
+            "no_data_bucket": ["--data", f"{s3_bucket}/no-such-prefix"],
+            "stage_without_its_inputs": ["--stages", "siamese,embed", "siamese.epochs=1"]}[case]
+    t0 = time.time()
+    res = _job(["--preset", "smoke", "--output", str(tmp_path / "runs"), "--run-id", "r1", *args], {}, timeout=120)
+    elapsed = time.time() - t0
+    out = res.stdout + res.stderr
+    last = out.strip().splitlines()[-1]
+    assert res.returncode == (2 if case == "stage_without_its_inputs" else 1), out[-3000:]
+    assert "Traceback" not in out and "Started a local Ray instance" not in out, out[-3000:]
+    assert elapsed < 60, f"took {elapsed:.0f}s"
+    expected = {"no_data_folder": f"error: {tmp_path / 'celeb_a'}/list_attr_celeba.txt: not found",
+                "no_data_bucket": f"error: {s3_bucket}/no-such-prefix/list_attr_celeba.txt: not found",
+                "stage_without_its_inputs": "error: --stages siamese: run r1 has not done data, classifier yet"}[case]
+    assert last.startswith(expected), last
+
+
+# ---------------------------------------------------------------------------------------------
 # Corrupt input read from S3 through 5% 503 SlowDown: the job completes, errors/ lists exactly
 # the bad images, rows + errors = input, every file reads in full, retries are in the manifest.
 # The folder has another size and another label set than CelebA: sizes and L follow the data.

@@ -70,8 +70,10 @@ def parse_attr_file(text: str, source: str = ATTR_FILE, max_rows: int = 0) -> At
     rows = [(i + 3, ln) for i, ln in enumerate(lines[2:]) if ln.strip()]
     if len(rows) != declared:
         raise DatasetFormatError(f"{source}:1: header says {declared} images but the file has {len(rows)} rows")
-    if max_rows:
-        rows = rows[:max_rows]
+    if max_rows and max_rows < len(rows):
+        # Evenly spread, not the first rows: CelebA's rows run train, then valid, then test, so its
+        # head alone would hold no test image.
+        rows = [rows[i] for i in np.unique(np.linspace(0, len(rows) - 1, max_rows).round().astype(int))]
     ids: list[str] = []
     labels = np.empty((len(rows), n_labels), dtype=np.int8)
     seen_ids: set[str] = set()
