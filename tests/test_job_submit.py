@@ -73,7 +73,10 @@ def test_job_submit_runs_the_pipeline(head, tmp_path):
     address, env = head
     out = tmp_path / "runs"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", repo, "--",
+    # The README's cluster command: the runtime env installs the project (from the uploaded working
+    # directory) into a virtualenv that inherits what the node has.
+    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", repo,
+           "--runtime-env", os.path.join(repo, "cluster", "runtime_env.yaml"), "--",
            "python", "jobs/full_pipeline.py", "--preset", "smoke", "--output", str(out), "--run-id", "job",
            "data.n_images=300", "classifier.epochs=1", "siamese.epochs=1", "decoder.epochs=1",
            "analysis.probe_epochs=5"]
