@@ -133,3 +133,15 @@ def test_max_images_keeps_every_split(tmp_path):
     splits = index["split"].to_pylist()
     assert len(splits) == 20 and splits.count("test") == 2 and splits.count("valid") == 2
     assert index["image_id"][0].as_py() == "000001.jpg" and index["image_id"][19].as_py() == "000100.jpg"
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"000001.jpg 0\n000002.jpg 2\n000001.jpg 2\n", r"list_eval_partition.txt:3: duplicate image name '000001.jpg'"),
+    (b"000001.jpg 0\n00000\xff.jpg 2\n", r"list_eval_partition.txt:2: not UTF-8 text \(byte 18"),
+])
+def test_bad_partition_file_names_its_line(tmp_path, content, message):
+    (tmp_path / "img_align_celeba").mkdir()
+    (tmp_path / "list_attr_celeba.txt").write_text("2\nA\n000001.jpg 1\n000002.jpg -1\n")
+    (tmp_path / "list_eval_partition.txt").write_bytes(content)
+    with pytest.raises(DatasetFormatError, match=message):
+        load_index(str(tmp_path), [])

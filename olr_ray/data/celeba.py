@@ -108,6 +108,9 @@ def parse_partition_file(text: str, source: str = PARTITION_FILE) -> dict[str, s
         parts = line.split()
         if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
             raise DatasetFormatError(f"{source}:{lineno}: expected '<image name> 0|1|2', got {line.strip()[:80]!r}")
+        if parts[0] in out:
+            raise DatasetFormatError(f"{source}:{lineno}: duplicate image name {parts[0]!r}; each image "
+                                     f"needs exactly one split")
         out[parts[0]] = SPLIT_NAMES[int(parts[1])]
     return out
 
@@ -146,7 +149,14 @@ def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: f
     labels = table.labels[:, keep]
     part_uri = storage.join(uri, PARTITION_FILE)
     if storage.exists(part_uri):
-        partition = parse_partition_file(storage.read_bytes(part_uri).decode(), part_uri)
+        raw = storage.read_bytes(part_uri)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[:exc.start].count(b"\n") + 1
+            raise DatasetFormatError(f"{part_uri}:{line}: not UTF-8 text "
+                                     f"(byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
+        partition = parse_partition_file(text, part_uri)
         missing = [i for i in table.image_ids if i not in partition]
         if missing:
             raise DatasetFormatError(
