@@ -136,10 +136,11 @@ def makedirs(uri: str) -> None:
     _call("mkdir", uri, lambda fs, path: fs.create_dir(path, recursive=True))
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, limit: int | None = None) -> bytes:
+    """The file's bytes, or only its first ``limit`` bytes."""
     def read(fs, path):
         with fs.open_input_stream(path) as f:
-            return f.read()
+            return f.read() if limit is None else f.read(limit)
 
     return _call("read", uri, read)
 

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from olr_ray.data import synthetic
-from olr_ray.data.celeba import DatasetFormatError, decode_image, load_index, parse_attr_file, read_celeba
+from olr_ray.data.celeba import (DatasetFormatError, decode_image, load_index, native_size, parse_attr_file,
+                                 read_celeba)
 from tests.conftest import upload_dir
 
 
@@ -145,3 +146,15 @@ def test_bad_partition_file_names_its_line(tmp_path, content, message):
     (tmp_path / "list_eval_partition.txt").write_bytes(content)
     with pytest.raises(DatasetFormatError, match=message):
         load_index(str(tmp_path), [])
+
+
+def test_native_size_reads_the_attribute_file_not_a_listing(celeba_dir, monkeypatch):
+    """The size probe opens a few of the listed images; it never lists img_align_celeba/ (on CelebA
+    in S3, about 200 list requests)."""
+    from olr_ray import storage
+
+    def no_listing(*a, **k):
+        raise AssertionError("native_size listed a folder")
+
+    monkeypatch.setattr(storage, "list_files", no_listing)
+    assert native_size(celeba_dir) == 48

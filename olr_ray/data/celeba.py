@@ -176,13 +176,19 @@ def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: f
 
 def native_size(uri: str, probe: int = 8) -> int | None:
     """Side of the folder's images after the centre crop (the smaller side), from the first
-    readable of a few image headers; None if none of them can be read."""
+    readable of a few image headers; None if none of them can be read.
+
+    The images are the first rows of the attribute file (its first 64 KB are read): listing the
+    image folder would cost one request per 1,000 objects, some 200 on CelebA in S3.
+    """
     import io
 
     from PIL import Image
 
-    files = storage.list_files(storage.join(uri, IMAGE_DIR))[:probe]
-    for f in files:
+    head = storage.read_bytes(storage.join(uri, ATTR_FILE), limit=64 * 1024).decode("utf-8", errors="replace")
+    rows = [ln.split() for ln in head.splitlines()[2:]]
+    names = [r[0] for r in rows if r][:probe]
+    for f in (storage.join(uri, IMAGE_DIR, n) for n in names):
         try:
             with Image.open(io.BytesIO(storage.read_bytes(f))) as img:
                 return min(img.size)
