@@ -336,12 +336,9 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
     wanted = stages or list(STAGES)
     check_stage_order(run, wanted)
     if "data" in wanted and not run.done("data") and cfg.data.source != "synthetic":
-        from olr_ray.data.celeba import ATTR_FILE, DatasetFormatError
+        from olr_ray.data.celeba import require_attr_file
 
-        attr = storage.join(cfg.data.source, ATTR_FILE)
-        if not storage.exists(attr):  # a missing bucket or a denied one raises StorageError here
-            raise DatasetFormatError(f"{attr}: not found; --data takes 'synthetic' or a CelebA-format folder "
-                                     f"({ATTR_FILE}, img_align_celeba/), local or s3://")
+        require_attr_file(cfg.data.source)
     init_ray()
     plan = plan_resources(cfg.num_workers, cfg.use_gpu)
     run.manifest["resources"] = plan.__dict__

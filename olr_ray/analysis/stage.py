@@ -96,10 +96,10 @@ def stage_analysis(run, plan) -> dict[str, Any]:
     np.save(fig("norm_correlation.npy"), norm_corr)
 
     # 3. PCA of one label's vectors, test images ranked on the first component.
+    from olr_ray.pipeline import check_options_against_data
+
+    check_options_against_data(run, ["analysis"])  # run_pipeline checked already; a direct call too
     pca_label = cfg.pca_label
-    if pca_label not in names:
-        raise ValueError(f"analysis.pca_label={pca_label!r} is not a label of this run's data; "
-                         f"expected one of: {', '.join(names)}")
     li = names.index(pca_label)
     pca = M.label_pca(emb.E[:, li, :])
     out["pca.label"] = pca_label

@@ -131,6 +131,16 @@ def select_labels(names: list[str], drop: list[str]) -> list[int]:
     return [i for i, n in enumerate(names) if n not in dropped]
 
 
+def require_attr_file(uri: str) -> str:
+    """The folder's attribute file, which must exist: a clear error names it otherwise (a missing or
+    denied bucket raises StorageError instead)."""
+    attr_uri = storage.join(uri, ATTR_FILE)
+    if not storage.exists(attr_uri):
+        raise DatasetFormatError(f"{attr_uri}: not found; a CelebA-format folder needs {ATTR_FILE} and {IMAGE_DIR}/ "
+                                 f"(--data takes such a folder, local or s3://, or 'synthetic')")
+    return attr_uri
+
+
 def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: float = 0.05,
                max_images: int = 0) -> tuple[pa.Table, list[str]]:
     """Read the text files of a CelebA-format folder into a table of (image_id, path, labels, split).
@@ -138,9 +148,7 @@ def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: f
     Returns:
         The index table and the kept label names.
     """
-    attr_uri = storage.join(uri, ATTR_FILE)
-    if not storage.exists(attr_uri):
-        raise DatasetFormatError(f"{attr_uri}: not found; a CelebA-format folder needs {ATTR_FILE} and {IMAGE_DIR}/")
+    attr_uri = require_attr_file(uri)
     table = parse_attr_file(storage.read_bytes(attr_uri).decode("utf-8", errors="replace"), attr_uri, max_images)
     keep = select_labels(table.label_names, drop_labels)
     if not keep:
