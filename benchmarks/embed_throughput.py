@@ -56,7 +56,8 @@ def main() -> None:
     import ray
 
     from olr_ray.data import synthetic
-    from olr_ray.embed import Embedder, file_metadata
+    from olr_ray.embeddings import file_metadata
+    from olr_ray.stages.embed import Embedder
     from olr_ray.models import Classifier, SiameseEmbedder, save_checkpoint
 
     L, k = 38, 32

@@ -1,94 +1,16 @@
 #!/usr/bin/env python
-"""Run the whole OLR pipeline: data -> classifier -> siamese -> embed -> decoder -> analysis.
+"""Run the whole OLR pipeline (``--help`` for the options); the same as the ``olr-ray`` command.
 
-Locally (starts a Ray sized to this machine):
-    python jobs/full_pipeline.py --preset demo
-
-On a cluster (joins it; outputs on S3):
-    ray job submit --working-dir . -- python jobs/full_pipeline.py --preset paper \\
-        --data s3://my-bucket/celeba --output s3://my-bucket/olr-runs
-
-Any config field can be overridden as key=value, e.g. ``siamese.epochs=10 data.n_images=5000``.
-Re-running with the same --run-id skips finished stages and resumes an interrupted one.
+Locally: ``python jobs/full_pipeline.py --preset demo``. On a cluster:
+``ray job submit --working-dir . -- python jobs/full_pipeline.py --preset paper --data s3://... --output s3://...``
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from olr_ray.config import STAGES, ConfigError, PRESETS, build_config  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="full_pipeline.py",
-        description=__doc__.split("\n\n")[0],
-        epilog="Config fields (key=value): every field of olr_ray/config.py, e.g. siamese.epochs=10; the resolved "
-               "config is written to <output>/<run-id>/config.yaml.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML config file, applied on top of the preset")
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
-                   help="smoke: tiny, minutes on 2 CPUs (CI); demo: synthetic 64x64, 20k images, "
-                        "about 25 min on 2 CPUs (default); paper: CelebA 178x178, GPU workers")
-    p.add_argument("--data", metavar="synthetic|PATH|s3://...",
-                   help="image source: built-in synthetic faces or a CelebA-format folder (data.source)")
-    p.add_argument("--output", default=os.environ.get("OLR_OUTPUT", "./runs"), metavar="PATH|s3://...",
-                   help="where run folders go (default ./runs)")
-    p.add_argument("--run-id", help="run folder name (default: timestamp and config hash); reuse it to resume")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers per training stage (0: in-process)")
-    p.add_argument("--use-gpu", choices=["auto", "true", "false"], help="train and embed on GPUs (default auto)")
-    p.add_argument("--stages", help=f"comma-separated subset, run in pipeline order: {','.join(STAGES)}")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field")
-    return p.parse_intermixed_args(argv)  # key=value overrides may sit between options
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    extra: dict = {}
-    if args.data:
-        extra.setdefault("data", {})["source"] = args.data
-    if args.num_workers is not None:
-        extra["num_workers"] = args.num_workers
-    if args.use_gpu:
-        extra["use_gpu"] = args.use_gpu
-    stages = None
-    problems: list[str] = []
-    if args.stages:
-        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-        bad = [s for s in stages if s not in STAGES]
-        if bad:
-            problems.append(f"--stages: unknown stage(s) {', '.join(bad)}; expected a subset of {', '.join(STAGES)}")
-    try:
-        cfg = build_config(args.preset, args.config, args.overrides, extra)
-    except ConfigError as exc:
-        problems += exc.problems
-    if problems:
-        print("error: invalid configuration:\n  - " + "\n  - ".join(problems), file=sys.stderr)
-        return 2
-
-    from olr_ray.data.celeba import DatasetFormatError
-    from olr_ray.pipeline import UsageError, run_pipeline, summary
-    from olr_ray.storage import StorageError
-
-    try:
-        run = run_pipeline(cfg, args.output, args.run_id, stages)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (StorageError, DatasetFormatError) as exc:  # names the file (and line) or the operation and URI,
-        print(f"error: {exc}", file=sys.stderr)     # never a credential
-        return 1
-    print()
-    print(summary(run))
-    return 0
-
+from olr_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="full_pipeline.py"))

@@ -27,6 +27,19 @@ def _check(problems: list[str], ok: bool, key: str, msg: str) -> None:
         problems.append(f"{key}: {msg}")
 
 
+def _at_least(problems: list[str], pre: str, obj: Any, **bounds: float) -> None:
+    """``field=lowest`` for each field of ``obj`` that has a lower bound, checked alike."""
+    for name, low in bounds.items():
+        value = getattr(obj, name)
+        _check(problems, value >= low, f"{pre}.{name}", f"expected >= {low}, got {value!r}")
+
+
+def _positive(problems: list[str], pre: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(problems, value > 0, f"{pre}.{name}", f"expected > 0, got {value!r}")
+
+
 @dataclass
 class DataConfig:
     """Where the images come from and how they are prepared."""
@@ -49,11 +62,10 @@ class DataConfig:
     (0: all). For quick trials on big folders."""
 
     def validate(self, p: list[str], pre: str = "data") -> None:
-        _check(p, self.n_images >= 8, f"{pre}.n_images", f"expected an integer >= 8, got {self.n_images!r}")
+        _at_least(p, pre, self, n_images=8, max_images=0)
         _check(p, 16 <= self.image_size <= 512, f"{pre}.image_size", f"expected 16..512, got {self.image_size!r}")
         _check(p, 0.0 <= self.label_noise < 0.5, f"{pre}.label_noise", f"expected 0 <= x < 0.5, got {self.label_noise!r}")
         _check(p, 0.0 < self.test_fraction < 0.5, f"{pre}.test_fraction", f"expected 0 < x < 0.5, got {self.test_fraction!r}")
-        _check(p, self.max_images >= 0, f"{pre}.max_images", f"expected >= 0, got {self.max_images!r}")
 
 
 @dataclass
@@ -62,11 +74,7 @@ class ClassifierConfig:
 
     epochs: int = 12
     """Passes over the training split. The classifier both labels the Siamese pairs and judges the
-    edits, so an under-trained one caps everything after it. On the demo, 4 epochs of 128 at a
-    constant rate against 12 of 64 with cosine decay: test accuracy 0.918 -> 0.958, val BCE 0.233 ->
-    0.156, recall on real test images (of the images with a label, the share where it sees it; the
-    ceiling of editing's add success) 0.63 -> 0.80; editing add 0.18 -> 0.24, own-block fraction
-    0.36 -> 0.49; 110 s -> 313 s on 2 CPU workers."""
+    edits, so an under-trained one caps everything after it (docs/defaults.md)."""
     batch_size: int = 64
     """Images per step per worker."""
     lr: float = 2e-3
@@ -81,21 +89,11 @@ class ClassifierConfig:
     """Share of training images that get one random rectangle, drawn like the Siamese pairs'
     (``siamese.occlusion_*``), so the classifier stays calibrated on the occluded images it
     labels. The classifier also judges the edits, and the more occluded images it trains on, the
-    more it reads a label from its correlates. 0.5 -> 0.25 on the demo, two runs each: editing add
-    0.442, 0.442 -> 0.495, 0.515; exact one-attribute adds 0.714 -> 0.735; remove 0.86-0.88 ->
-    0.88-0.89; norm/label correlation r 0.959 -> 0.950, 0.955; dot R^2 0.952 -> 0.944; probe and
-    classifier accuracy unchanged. 0 trains on clean images only, as the paper does; against 0.5
-    on the demo it judges edits more by each label's own cue (editing add 0.442 -> 0.514, exact
-    one-attribute adds over 320 faces 0.670 -> 0.695) but labels the occluded pairs worse (Siamese
-    val MSE 0.0028 -> 0.0070, dot R^2 0.952 -> 0.877, norm/label correlation r 0.959 -> 0.895) and
-    lets the blocks of Bald, Pale_Skin and Rosy_Cheeks collapse."""
+    more it reads a label from its correlates (0: clean images only, as the paper; docs/defaults.md)."""
 
     def validate(self, p: list[str], pre: str = "classifier") -> None:
-        _check(p, self.epochs >= 1, f"{pre}.epochs", f"expected >= 1, got {self.epochs!r}")
-        _check(p, self.batch_size >= 2, f"{pre}.batch_size", f"expected >= 2, got {self.batch_size!r}")
-        _check(p, self.lr > 0, f"{pre}.lr", f"expected > 0, got {self.lr!r}")
-        _check(p, self.weight_decay >= 0, f"{pre}.weight_decay", f"expected >= 0, got {self.weight_decay!r}")
-        _check(p, self.width >= 4, f"{pre}.width", f"expected >= 4, got {self.width!r}")
+        _at_least(p, pre, self, epochs=1, batch_size=2, weight_decay=0, width=4)
+        _positive(p, pre, self, "lr")
         _check(p, 0 <= self.occlusion_prob <= 1, f"{pre}.occlusion_prob",
                f"expected a probability in [0, 1], got {self.occlusion_prob!r}")
 
@@ -120,18 +118,14 @@ class SiameseConfig:
     """Kernel side of the label-specific conv layer (L*k maps); 1 keeps it cheap at 64x64."""
     activation: Literal["relu", "abs", "relu_leaky_grad"] = "relu_leaky_grad"
     """How blocks are kept non-negative: ``relu`` before pooling (blocks of rare labels can die:
-    all zeros, no gradient; 13 of 38 on the demo), ``abs`` after pooling (never dies, but absent
-    blocks keep a floor: demo norm ratio 3.4) or ``relu_leaky_grad`` (ReLU values, leaky gradient,
-    with ``block_floor``: demo norm ratio 7.2, median 5.4, no dead block)."""
+    all zeros, no gradient), ``abs`` after pooling (never dies, but absent blocks keep a floor) or
+    ``relu_leaky_grad`` (ReLU values, leaky gradient, with ``block_floor``; docs/defaults.md)."""
     block_floor: float = 0.003
     """Constant added to every embedding coordinate: keeps the loss's gradient alive where both
     blocks of a pair would be exactly zero (``relu``, ``relu_leaky_grad``); the absent-label norm
-    is then at least block_floor * sqrt(k). On the demo: with 0, 9 labels' blocks ended lower where
-    the label is present than where it is absent (stuck at zero); 0.01 left 3 at the floor (its own
-    dot product outweighs rare labels' targets); 0.003 none."""
+    is then at least block_floor * sqrt(k) (docs/defaults.md)."""
     lr_schedule: Literal["constant", "cosine"] = "cosine"
-    """Per-epoch learning rate: constant, or cosine decay to 0. On the demo, cosine against constant:
-    dot R^2 0.939 vs 0.907, norm ratio 3.41 vs 2.90, probe gap +0.1 vs -0.7 points."""
+    """Per-epoch learning rate: constant, or cosine decay to 0 (docs/defaults.md)."""
     init_from_classifier: bool = True
     """Start the Siamese trunk from the trained classifier's trunk (same width only): it already
     detects the labels, so the label layer learns from the first step."""
@@ -150,28 +144,21 @@ class SiameseConfig:
     with clean targets, so the network also sees the un-occluded images it later embeds."""
     label_pair_share: float = 0.5
     """Share of training images paired with one that shares a label (rare labels first) instead of
-    at random (the paper: 0, all random). Rare labels otherwise almost never meet in a pair
-    (with ``abs`` on the demo: dot R^2 0.939 -> 0.950, ratio 3.41 -> 3.52); validation pairs stay random."""
+    at random (the paper: 0, all random). Rare labels otherwise almost never meet in a pair;
+    validation pairs stay random (docs/defaults.md)."""
     grad_floor: float = 0.05
     """Backward-only floor g on the pair loss's gradient: d<E1, E2>/dE1 = E2 + g; the loss value
     is the paper's (0: the exact gradient). The exact gradient vanishes where both blocks of a pair
-    are near zero, so a rare label's block that shrank early in training stays small. On the demo,
-    0.05 against 0: Double_Chin's block where the label is present 0.05 -> 0.58 (the classifier's
-    p there is 0.56), Blurry 0.13 -> 0.71; dot R^2 0.954 -> 0.960, correlation r 0.865 -> 0.942,
-    own-block share 0.43 -> 0.52, add success 0.415 -> 0.452."""
+    are near zero, so a rare label's block that shrank early in training stays small (docs/defaults.md)."""
     val_pairs: int = 1024
     """Held-out pairs (from the validation split) for val loss and dot-product R^2."""
     labeler_batch_size: int = 256
     """Pairs per batch in the Ray Data labelling actors."""
 
     def validate(self, p: list[str], pre: str = "siamese") -> None:
-        _check(p, self.k >= 1, f"{pre}.k", f"expected >= 1, got {self.k!r}")
-        _check(p, self.epochs >= 1, f"{pre}.epochs", f"expected >= 1, got {self.epochs!r}")
-        _check(p, self.batch_size >= 2, f"{pre}.batch_size", f"expected >= 2, got {self.batch_size!r}")
-        _check(p, self.lr > 0, f"{pre}.lr", f"expected > 0, got {self.lr!r}")
-        _check(p, self.width >= 4, f"{pre}.width", f"expected >= 4, got {self.width!r}")
+        _at_least(p, pre, self, k=1, epochs=1, batch_size=2, width=4, val_pairs=8, labeler_batch_size=1)
+        _positive(p, pre, self, "lr", "temperature")
         _check(p, self.label_kernel in (1, 3, 5), f"{pre}.label_kernel", f"expected 1, 3 or 5, got {self.label_kernel!r}")
-        _check(p, self.temperature > 0, f"{pre}.temperature", f"expected > 0, got {self.temperature!r}")
         _check(p, 0 < self.occlusion_min <= self.occlusion_max <= 1, f"{pre}.occlusion_min/occlusion_max",
                f"expected 0 < min <= max <= 1, got {self.occlusion_min!r}, {self.occlusion_max!r}")
         _check(p, 0 <= self.occlusion_prob <= 1, f"{pre}.occlusion_prob",
@@ -180,8 +167,6 @@ class SiameseConfig:
         _check(p, 0 <= self.label_pair_share <= 1, f"{pre}.label_pair_share",
                f"expected a share in [0, 1], got {self.label_pair_share!r}")
         _check(p, 0 <= self.grad_floor < 1, f"{pre}.grad_floor", f"expected 0 <= g < 1, got {self.grad_floor!r}")
-        _check(p, self.val_pairs >= 8, f"{pre}.val_pairs", f"expected >= 8, got {self.val_pairs!r}")
-        _check(p, self.labeler_batch_size >= 1, f"{pre}.labeler_batch_size", f"expected >= 1, got {self.labeler_batch_size!r}")
 
 
 @dataclass
@@ -191,14 +176,12 @@ class EmbedConfig:
     batch_size: int = 256
     """Images per inference batch."""
     num_actors: int = 0
-    """Inference actors (0: sized from the cluster's free CPUs/GPUs)."""
+    """The most inference actors (0: sized from the cluster's free CPUs/GPUs so read tasks keep a CPU)."""
     rows_per_file: int = 50_000
     """Upper bound on rows per Parquet file."""
 
     def validate(self, p: list[str], pre: str = "embed") -> None:
-        _check(p, self.batch_size >= 1, f"{pre}.batch_size", f"expected >= 1, got {self.batch_size!r}")
-        _check(p, self.num_actors >= 0, f"{pre}.num_actors", f"expected >= 0, got {self.num_actors!r}")
-        _check(p, self.rows_per_file >= 1, f"{pre}.rows_per_file", f"expected >= 1, got {self.rows_per_file!r}")
+        _at_least(p, pre, self, batch_size=1, num_actors=0, rows_per_file=1)
 
 
 @dataclass
@@ -206,9 +189,7 @@ class DecoderConfig:
     """Reconstruction model after the paper's Table 1, trained on the embeddings."""
 
     epochs: int = 2
-    """Passes over the training embeddings (the demo's val SSIM at 2b8582d: 0.313 after 1, 0.335 after 2).
-    At bcd3217's embeddings and a constant rate, a third epoch gave test SSIM 0.343 and editing add 0.507
-    against 0.327 and 0.452 after 2, for about 180 s more on 2 cores."""
+    """Passes over the training embeddings (docs/defaults.md)."""
     batch_size: int = 32
     """Embeddings per step per worker (2 workers of 32 take the steps one process of 64 would)."""
     lr: float = 1e-3
@@ -217,20 +198,13 @@ class DecoderConfig:
     """Optimizer (paper: RMSProp)."""
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     """Per-epoch learning rate: constant (the paper and its preset), or cosine decay over the epochs
-    (2 epochs: 1e-3, then 5e-4). On the demo's embeddings, cosine against constant at 2 epochs: editing
-    add 0.452 -> 0.497, reconstruction label recall 0.686 -> 0.701, SSIM 0.327 -> 0.330, remove
-    0.873 -> 0.832; a third constant epoch gave add 0.507 for about 170 s more."""
+    (docs/defaults.md)."""
     alpha: float = 0.5
     """Loss weight: alpha*(1-SSIM) + (1-alpha)*MSE(x, minmax(out)) (paper: 0.5)."""
     label_weight: float = 0.0
     """Weight of a term the paper does not have: BCE between the frozen classifier's outputs on the
-    decoded face and the image's labels (0: the paper's loss). On the demo (same embeddings, 2
-    epochs), 0 -> 1: the classifier's accuracy on decoded test faces 0.785 (its majority baseline)
-    -> 0.915, editing add 0.16 -> 0.27 and remove 0.53 -> 0.80 by the classifier, 0.21 -> 0.28 and
-    0.47 -> 0.62 by the re-embedding judge, but SSIM 0.341 -> 0.251 and the faces turn to blotches.
-    Off by default. Also training edited embeddings against the classifier (tried: weight 0.3, half
-    of each batch edited) raised the classifier's add to 0.33 while the re-embedding judge saw 0.21
-    add and 0.38 remove: it learned to fool the classifier, not to draw the label."""
+    decoded face and the image's labels (0: the paper's loss). It trains through the judge of
+    editing and turns faces to blotches, so it is off by default (docs/defaults.md)."""
     edit_weight: float = 30.0
     """Weight of a term the paper does not have: every batch also decodes a copy of its embeddings with
     one random block per image edited as the analysis edits (half sampled from the label's Gaussian,
@@ -238,26 +212,16 @@ class DecoderConfig:
     what went in and what comes back (0: the paper's loss). Pixel losses draw the average face for a
     label pattern, so a cue whose look varies (a hat of any colour) averages away and its block is
     barely read. The Siamese network is then no longer an independent judge of editing
-    (``editing.*_reembedded``); the classifier still is. On the demo's embeddings (2 epochs, one
-    process): 0 -> 30 -> 60 gave editing add 0.29 -> 0.43 -> 0.42, remove 0.68 -> 0.87 -> 0.86,
-    classifier's recall of labels on decoded faces 0.53 -> 0.66 -> 0.65, SSIM 0.348 -> 0.334 -> 0.309;
-    a separately trained classifier (fresh init, another seed) saw add 0.28 -> 0.36 -> 0.34, so the
-    decoder draws the labels rather than patterns only these networks read. Costs about 1.8x the
-    decoder's time."""
+    (``editing.*_reembedded``); the classifier still is. About 1.8x the decoder's time (docs/defaults.md)."""
     width: int = 128
     """Channels of the reshaped dense output (paper: 6x6x512 at 178)."""
     channels: int = 32
     """Channels of the conv stack (paper: 64; the first ConvTranspose has twice this)."""
 
     def validate(self, p: list[str], pre: str = "decoder") -> None:
-        _check(p, self.epochs >= 1, f"{pre}.epochs", f"expected >= 1, got {self.epochs!r}")
-        _check(p, self.batch_size >= 2, f"{pre}.batch_size", f"expected >= 2, got {self.batch_size!r}")
-        _check(p, self.lr > 0, f"{pre}.lr", f"expected > 0, got {self.lr!r}")
+        _at_least(p, pre, self, epochs=1, batch_size=2, label_weight=0, edit_weight=0, width=8, channels=4)
+        _positive(p, pre, self, "lr")
         _check(p, 0 <= self.alpha <= 1, f"{pre}.alpha", f"expected 0..1, got {self.alpha!r}")
-        _check(p, self.label_weight >= 0, f"{pre}.label_weight", f"expected >= 0, got {self.label_weight!r}")
-        _check(p, self.edit_weight >= 0, f"{pre}.edit_weight", f"expected >= 0, got {self.edit_weight!r}")
-        _check(p, self.width >= 8, f"{pre}.width", f"expected >= 8, got {self.width!r}")
-        _check(p, self.channels >= 4, f"{pre}.channels", f"expected >= 4, got {self.channels!r}")
 
 
 @dataclass
@@ -269,23 +233,17 @@ class AnalysisConfig:
     probe_epochs: int = 200
     """Full-batch epochs of the linear probe."""
     edit_images: int = 256
-    """Test images edited per label for the editing metrics (and, on synthetic runs, the exact edits).
-    At 64 the same embeddings decoded with another sampling seed moved add success by 0.04; 256
-    costs about 2 more minutes of analysis on the demo (217 s against 110 s)."""
+    """Test images edited per label for the editing metrics (and, on synthetic runs, the exact edits;
+    docs/defaults.md)."""
     edit_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
     """Scales s of the sampled block in the editing sweep."""
     disentangle_faces: int = 256
     """Synthetic only: faces redrawn with one attribute flipped, per run."""
 
     def validate(self, p: list[str], pre: str = "analysis") -> None:
-        _check(p, self.probe_epochs >= 1, f"{pre}.probe_epochs", f"expected >= 1, got {self.probe_epochs!r}")
-        _check(p, self.edit_images >= 1, f"{pre}.edit_images", f"expected >= 1, got {self.edit_images!r}")
+        _at_least(p, pre, self, probe_epochs=1, edit_images=1, disentangle_faces=0)
         _check(p, len(self.edit_scales) >= 1 and all(s > 0 for s in self.edit_scales), f"{pre}.edit_scales",
                f"expected a non-empty list of positive numbers, got {self.edit_scales!r}")
-        _check(p, self.disentangle_faces >= 0, f"{pre}.disentangle_faces", f"expected >= 0, got {self.disentangle_faces!r}")
-
-
-STAGES = ("data", "classifier", "siamese", "embed", "decoder", "analysis")
 
 
 @dataclass

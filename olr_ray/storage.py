@@ -170,18 +170,28 @@ def delete_file(uri: str, missing_ok: bool = True) -> None:
     _call("delete", uri, delete)
 
 
-def move(src: str, dst: str) -> None:
-    """Rename a file (S3: copy then delete; retried as a whole, so a repeated attempt is harmless)."""
+def _transfer(op: str, src: str, dst: str, fn, done_if_moved: bool = False) -> None:
+    """``fn(fs, src_path, dst_path)`` under retries, with the local destination folder made first.
+
+    ``done_if_moved``: on S3, a missing source with the destination present is an earlier attempt
+    that finished and lost the reply, not an error.
+    """
     _, dst_path = resolve(dst)
 
-    def mv(fs, path):
+    def go(fs, path):
         if isinstance(fs, pafs.LocalFileSystem):
             os.makedirs(os.path.dirname(dst_path), exist_ok=True)
-        elif fs.get_file_info(path).type == pafs.FileType.NotFound and fs.get_file_info(dst_path).type == pafs.FileType.File:
-            return  # an earlier attempt moved it and then lost the reply
-        fs.move(path, dst_path)
+        elif done_if_moved and fs.get_file_info(path).type == pafs.FileType.NotFound \
+                and fs.get_file_info(dst_path).type == pafs.FileType.File:
+            return
+        fn(fs, path, dst_path)
 
-    _call("move", src, mv, label=f"{src} -> {dst}")
+    _call(op, src, go, label=f"{src} -> {dst}")
+
+
+def move(src: str, dst: str) -> None:
+    """Rename a file (S3: copy then delete; retried as a whole, so a repeated attempt is harmless)."""
+    _transfer("move", src, dst, lambda fs, path, dst_path: fs.move(path, dst_path), done_if_moved=True)
 
 
 def read_json(uri: str) -> Any:
@@ -208,11 +218,4 @@ def delete_dir(uri: str) -> None:
 
 
 def copy_file(src: str, dst: str) -> None:
-    _, dst_path = resolve(dst)
-
-    def copy(fs, src_path):
-        if isinstance(fs, pafs.LocalFileSystem):
-            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
-        fs.copy_file(src_path, dst_path)
-
-    _call("copy", src, copy, label=f"{src} -> {dst}")
+    _transfer("copy", src, dst, lambda fs, path, dst_path: fs.copy_file(path, dst_path))

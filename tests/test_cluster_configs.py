@@ -7,7 +7,7 @@ import shlex
 import pytest
 import yaml
 
-import jobs.full_pipeline as cli
+import olr_ray.cli as cli
 
 FILES = sorted(glob.glob("cluster/*.yaml"))
 SECRET = re.compile(r"(?i)(aws_secret_access_key|aws_access_key_id|aws_session_token|secret_key|password)\s*[:=]")

@@ -63,7 +63,7 @@ def test_yaml_config_file(tmp_path):
 
 
 def test_cli_takes_overrides_between_options():
-    import jobs.full_pipeline as cli
+    import olr_ray.cli as cli
 
     args = cli.parse_args(["--preset", "smoke", "siamese.epochs=1", "--data", "/tmp/faces", "decoder.lr=1e-4"])
     assert args.preset == "smoke" and args.data == "/tmp/faces"

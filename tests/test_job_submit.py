@@ -22,6 +22,26 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _end_head(proc: subprocess.Popen, temp_dir: str) -> None:
+    """End the head this test started, by pid: its process tree, and any process of its session folder
+    that left the tree (Ray daemonises some); never `ray stop` or a name pattern, which reach every Ray."""
+    import psutil
+
+    pids = set()
+    try:
+        pids = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        pass
+    pids |= {p.pid for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])}
+    pids.add(proc.pid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait(20)
+
+
 @pytest.fixture()
 def head(tmp_path):
     """A Ray head on 127.0.0.1 with its dashboard/job server on 127.0.0.1 and a fresh auth token.
@@ -56,14 +76,7 @@ def head(tmp_path):
             time.sleep(2)
         yield address, env
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(20)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
-        subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
+        _end_head(proc, temp_dir)
         # The head's session folder (logs, sockets, ~7 MB) is outside tmp_path to keep socket paths
         # short, so it is removed here rather than left in /tmp after every run.
         shutil.rmtree(temp_dir, ignore_errors=True)

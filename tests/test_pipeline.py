@@ -8,17 +8,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from olr_ray.analysis import NotCommittedError, load_embeddings
-from olr_ray.config import STAGES, build_config
-from olr_ray.embed import embed_dataset, embedding_schema
-from olr_ray.pipeline import Run, read_images, run_pipeline
+from olr_ray.config import build_config
+from olr_ray.embeddings import NotCommittedError, embedding_schema, load_embeddings
+from olr_ray.pipeline import check_options_against_data, run_pipeline
+from olr_ray.run import Run
 from olr_ray.runtime import plan_resources
+from olr_ray.stages import STAGES
+from olr_ray.stages.embed import embed_dataset
 
 pytestmark = pytest.mark.slow
 
 METRIC_KEYS = [
     "classifier.test_mean_accuracy", "classifier.test_mean_accuracy_per_label", "classifier.majority_baseline",
-    "siamese.val_mse", "siamese.dot_r2", "siamese.norm_ratio_present_absent",
+    "siamese.val_mse", "siamese.dot_r2", "embed.norm_ratio_present_absent",
     "probe.test_mean_accuracy", "probe.test_balanced_accuracy", "correlation.vs_label_corr_r", "pca.label",
     "pca.explained_variance_ratio", "reconstruction.test_ssim", "reconstruction.test_psnr",
     "editing.add_success", "editing.remove_success", "editing.others_preserved",
@@ -76,6 +78,40 @@ def test_metrics_json_has_every_key(smoke):
     for key in ("editing.exact_add_success", "editing.exact_remove_success", "editing.exact_others_preserved"):
         assert 0 <= metrics[key] <= 1, key
     assert set(metrics["editing.exact_add_success_per_label"]) == set(smoke.stage("data")["label_names"])
+
+
+def test_metrics_are_the_committed_data_s(smoke):
+    """The numbers in metrics.json are computed from what was committed, and each key has one writer."""
+    from olr_ray.analysis.metrics import mean_accuracy, norm_ratio
+
+    metrics = json.load(open(os.path.join(smoke.uri, "metrics.json")))
+    emb = load_embeddings(os.path.join(smoke.uri, "embeddings"))
+    test = emb.select(emb.splits == "test")
+    acc = float(((test.probs >= 0.5) == (test.labels == 1)).mean())
+    # The classifier stage measured its own final model on the test images; the committed probs are
+    # that model's, so at most a borderline probability or two may fall the other side of 0.5.
+    assert abs(metrics["classifier.test_mean_accuracy"] - acc) <= 2 / test.labels.size
+    assert metrics["probe.classifier_test_mean_accuracy"] == pytest.approx(mean_accuracy(test.probs, test.labels))
+    assert metrics["probe.minus_classifier"] == pytest.approx(
+        metrics["probe.test_mean_accuracy"] - metrics["probe.classifier_test_mean_accuracy"])
+    assert metrics["embed.norm_ratio_present_absent"] == pytest.approx(norm_ratio(emb.norms, emb.labels), rel=1e-6)
+    assert metrics["embed.norm_ratio_present_absent_test"] == pytest.approx(
+        norm_ratio(test.norms, test.labels), rel=1e-6)
+    manifest = json.load(open(os.path.join(smoke.uri, "manifest.json")))
+    owners = [k for st in manifest["stages"].values() for k in st.get("metric_keys", [])]
+    assert len(owners) == len(set(owners)), "a metric key written by two stages"
+    assert set(owners) | {f"timing.{s}_seconds" for s in STAGES} == set(metrics)
+    for name, st in manifest["stages"].items():
+        assert all(k.startswith(f"{name}.") for k in st.get("metric_keys", []) if name != "analysis"), name
+
+
+def test_a_stage_cannot_overwrite_another_stage_s_metric(tmp_path):
+    run = Run(build_config("smoke"), str(tmp_path), "r", manifest={"stages": {"classifier": {}, "analysis": {}}})
+    run.record("classifier", {"classifier.test_mean_accuracy": 0.9})
+    run.record("classifier", {"classifier.test_mean_accuracy": 0.91})  # a re-run of the same stage
+    with pytest.raises(RuntimeError, match=r"analysis would overwrite .*classifier.test_mean_accuracy \(classifier\)"):
+        run.record("analysis", {"classifier.test_mean_accuracy": 0.5})
+    assert run.metrics == {"classifier.test_mean_accuracy": 0.91}
 
 
 def test_embedding_schema_and_metadata(smoke):
@@ -140,7 +176,7 @@ def test_embed_to_s3_is_identical_and_reruns_do_not_duplicate(smoke, s3_bucket):
     args = dict(siamese_uri=run.stage("siamese")["checkpoint"], classifier_uri=run.stage("classifier")["checkpoint"],
                 label_names=run.stage("data")["label_names"], k=8, run_id="smoke", plan=plan, batch_size=64,
                 rows_per_file=250)
-    images = lambda: read_images(run, None, plan, ["uid", "image_id", "split", "labels", "image"])  # noqa: E731
+    images = lambda: run.read_images(None, plan, ["uid", "image_id", "split", "labels", "image"])  # noqa: E731
     first = embed_dataset(images(), uri, **args)
     second = embed_dataset(images(), uri, **args)
     assert first["rows"] == second["rows"] == 600
@@ -156,7 +192,7 @@ def test_embed_to_s3_is_identical_and_reruns_do_not_duplicate(smoke, s3_bucket):
 
 
 def test_write_killed_before_commit_leaves_nothing_visible(smoke, tmp_path, monkeypatch):
-    import olr_ray.embed as E
+    import olr_ray.stages.embed as E
 
     def killed(*a, **k):
         raise KeyboardInterrupt("killed mid-write")
@@ -165,7 +201,7 @@ def test_write_killed_before_commit_leaves_nothing_visible(smoke, tmp_path, monk
     uri = str(tmp_path / "embeddings")
     run, plan = smoke, plan_resources(2)
     with pytest.raises(KeyboardInterrupt):
-        embed_dataset(read_images(run, None, plan, ["uid", "image_id", "split", "labels", "image"]), uri,
+        embed_dataset(run.read_images(None, plan, ["uid", "image_id", "split", "labels", "image"]), uri,
                       run.stage("siamese")["checkpoint"], run.stage("classifier")["checkpoint"],
                       run.stage("data")["label_names"], 8, "x", plan)
     assert os.listdir(os.path.join(uri, "_staging"))  # the files were written...
@@ -181,7 +217,7 @@ def test_rerun_with_same_run_id_skips_done_stages(smoke):
     messages = []
     again = run_pipeline(smoke.cfg, os.path.dirname(smoke.uri), "smoke", progress=messages.append)
     assert all("already done" in m for m in messages) and len(messages) == len(STAGES)
-    assert again.metrics == Run.open(smoke.cfg, os.path.dirname(smoke.uri), "smoke").metrics
+    assert again.metrics == Run.open(smoke.cfg, os.path.dirname(smoke.uri), "smoke", STAGES).metrics
 
 
 def test_rerun_with_other_config_is_refused(smoke):
@@ -192,14 +228,12 @@ def test_rerun_with_other_config_is_refused(smoke):
 def test_an_option_naming_a_label_the_data_lacks_fails_before_training(smoke):
     from types import SimpleNamespace
 
-    from olr_ray.pipeline import check_options_against_data
-
     cfg = build_config("smoke", overrides=["analysis.pca_label=Mouth_Open"])
-    run = SimpleNamespace(cfg=cfg, stage=smoke.stage)
+    run = SimpleNamespace(cfg=cfg, data=smoke.data)
     with pytest.raises(ValueError, match=r"analysis.pca_label='Mouth_Open' is not a label .*Mouth_Slightly_Open"):
         check_options_against_data(run, list(STAGES))
     check_options_against_data(run, ["data", "classifier"])  # no analysis asked for: no PCA label needed
-    check_options_against_data(SimpleNamespace(cfg=build_config("smoke"), stage=smoke.stage), list(STAGES))
+    check_options_against_data(SimpleNamespace(cfg=build_config("smoke"), data=smoke.data), list(STAGES))
 
 
 @pytest.mark.parametrize("spelling", ["relative", "absolute", "file://"])
@@ -207,7 +241,7 @@ def test_a_new_commit_removes_the_parts_of_the_one_before(tmp_path, monkeypatch,
     """A re-run of the embed stage names its parts afresh: the earlier commit's parts must go, or a
     `read_parquet('.../embeddings/*.parquet')` counts rows twice, however --output was spelled."""
     from olr_ray import storage
-    from olr_ray.embed import commit
+    from olr_ray.embeddings import commit
 
     monkeypatch.chdir(tmp_path)
     uri = {"relative": "runs/r/embeddings", "absolute": str(tmp_path / "runs/r/embeddings"),
@@ -229,11 +263,9 @@ def test_a_new_commit_removes_the_parts_of_the_one_before(tmp_path, monkeypatch,
 
 
 def test_storage_retries_of_a_training_stage_add_up_over_restarted_attempts():
-    from types import SimpleNamespace
-
-    from olr_ray.pipeline import train_retries
+    from olr_ray.train.driver import FitResult
 
     # Attempt 1 counted 2 then 5 retries; its worker died, and attempt 2 counted afresh: 1, then 3.
     history = [{"storage_retries": c} for c in (2, 5, 1, 3)]
-    assert train_retries(SimpleNamespace(history=history)) == 8
-    assert train_retries(SimpleNamespace(history=[{"epoch": 1}])) == 0
+    assert FitResult({}, "", history).storage_retries == 8
+    assert FitResult({}, "", [{"epoch": 1}]).storage_retries == 0

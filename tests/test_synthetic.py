@@ -236,17 +236,22 @@ def test_every_attribute_is_learnable_from_pixels() -> None:
     assert not failed, f"not learnable (accuracy - majority): {failed}; all margins: {margins}"
 
 
-def test_generate_dataset_matches_generate(request: pytest.FixtureRequest) -> None:
-    try:
-        request.getfixturevalue("ray_local")
-    except pytest.FixtureLookupError:
-        pytest.skip("the ray_local fixture (tests/conftest.py) is not available")
-    ds = syn.generate_dataset(120, seed=2, size=32, label_noise=0.1, parallelism=3)
-    rows = sorted(ds.take_all(), key=lambda r: int(r["index"]))
+def test_synthetic_source_draws_the_generator_faces(request: pytest.FixtureRequest) -> None:
+    """The data stage's synthetic source (Ray Data, in parallel blocks) gives each uid the face and the
+    observed labels ``generate`` draws for that index, minus the dropped labels."""
+    request.getfixturevalue("ray_local")
+    from olr_ray.config import DataConfig
+    from olr_ray.data.sources import open_source
+
+    src = open_source(DataConfig(n_images=120, image_size=32, label_noise=0.1), seed=2)
+    rows = sorted(src.dataset.take_all(), key=lambda r: int(r["uid"]))
     ref = syn.generate(np.arange(120), seed=2, size=32, label_noise=0.1)
-    assert [int(r["index"]) for r in rows] == list(range(120))
+    keep = [A[n] for n in src.label_names]
+    assert [int(r["uid"]) for r in rows] == list(range(120)) and src.num_rows == 120
+    assert len(src.label_names) == 38 and "Wearing_Necktie" not in src.label_names
     images = np.stack([r["image"] for r in rows])
     labels = np.stack([r["labels"] for r in rows])
     assert images.dtype == np.uint8 and labels.dtype == np.int8
     np.testing.assert_array_equal(images, ref["image"])
-    np.testing.assert_array_equal(labels, ref["labels"])
+    np.testing.assert_array_equal(labels, ref["labels"][:, keep])
+    assert {r["split"] for r in rows} == {"train", "test"} and all(r["error"] == "" for r in rows)

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from olr_ray.models.nets import ssim_window
+
 __all__ = [
     "linear_probe",
     "mean_accuracy",
@@ -617,10 +619,8 @@ def ssim_psnr(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> tup
     """SSIM and PSNR between two batches of float images in [0, 1].
 
     SSIM is ``pytorch_msssim.ssim`` (data_range=1, averaged over images and channels; it works per
-    channel as the paper does). Its Gaussian window is 11 wide for images of at least 176 pixels
-    (the paper's decoder output size) and 7 wide below that, because an 11-pixel window covers
-    too much of a small image; it is further shrunk to the largest odd size that fits when an
-    image is smaller than 7 pixels. PSNR is 10 * log10(1 / MSE) with the MSE pooled over the
+    channel as the paper does), with the window the decoder trains with
+    (:func:`olr_ray.models.nets.ssim_window`). PSNR is 10 * log10(1 / MSE) with the MSE pooled over the
     whole batch, so it is ``inf`` for identical batches.
 
     Args:
@@ -636,11 +636,28 @@ def ssim_psnr(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> tup
         raise ValueError(f"x and y must share shape (N, C, H, W), got {tuple(X.shape)} and {tuple(Y.shape)}")
     from pytorch_msssim import ssim
 
-    H, W = X.shape[-2:]
-    win = 11 if min(H, W) >= 176 else 7
-    if win > min(H, W):
-        win = max(1, min(H, W) - (1 - min(H, W) % 2))
-    s = float(ssim(X, Y, data_range=1.0, size_average=True, win_size=win))
+    s = float(ssim(X, Y, data_range=1.0, size_average=True, win_size=ssim_window(min(X.shape[-2:]))))
     mse = float(torch.mean((X.double() - Y.double()) ** 2))
     psnr = float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
     return s, psnr
+
+
+# --------------------------------------------------------------------------------------------
+# Per-label norms: present against absent
+# --------------------------------------------------------------------------------------------
+
+
+def norm_ratios(norms: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per label: mean block norm where present over where absent (NaN where one side is empty)."""
+    out = np.full(labels.shape[1], np.nan)
+    for l in range(labels.shape[1]):
+        present, absent = labels[:, l] == 1, labels[:, l] == 0
+        if present.any() and absent.any():
+            out[l] = norms[present, l].mean() / max(norms[absent, l].mean(), 1e-8)
+    return out
+
+
+def norm_ratio(norms: np.ndarray, labels: np.ndarray) -> float:
+    """:func:`norm_ratios` averaged over the labels that are both present and absent somewhere."""
+    ratios = norm_ratios(norms, labels)
+    return float(np.nanmean(ratios)) if np.isfinite(ratios).any() else float("nan")

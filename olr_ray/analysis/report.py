@@ -223,3 +223,54 @@ def write_report(
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines))
     return path
+
+
+def measurement_section(edit_images: int, size: int, decoder_out: int | None, synthetic: bool) -> str:
+    """What each group of numbers is computed on, in words (the definitions a reader of the numbers needs)."""
+    lines = [
+        "- **Splits.** The linear probe and the per-label Gaussians are fitted on the train split; every "
+        "other number is measured on the test split.",
+        "- **Probe vs classifier.** Both are read at 0.5 on the same test images (the classifier through the "
+        "committed `probs`); mean accuracy averages the per-label accuracies, balanced accuracy the per-label "
+        "mean of the two class recalls.",
+    ]
+    if decoder_out:
+        lines += [
+            f"- **Reconstruction.** The decoder draws {decoder_out}x{decoder_out} pixels; SSIM and PSNR "
+            f"compare them with the centre {decoder_out}x{decoder_out} of each {size}x{size} test image. SSIM "
+            "uses the decoder's training window (11 pixels from 44 pixels up, 7 below) and PSNR pools the "
+            "squared error over the split, so the decoder's own `val_psnr` (per-image PSNR, on the "
+            "validation split) differs slightly.",
+            f"- **Editing.** The first {edit_images} test faces, every label. The classifier judges each "
+            f"decoded face resized (bilinear) to {size}x{size} and stored as uint8, at 0.5. *Add* counts the "
+            "(face, label) pairs where it does not see the label on the unedited reconstruction and sees it "
+            "after the edit (s=1); *remove* the pairs where it sees the label before and not after; *others "
+            "preserved* the other labels of each edited face that it reads as on the unedited reconstruction. "
+            "Eligibility follows the classifier's reading, not the ground truth, because the edit acts on "
+            "the decoded face. The `_reembedded` keys judge the same faces by the Siamese network and the "
+            "linear probe instead.",
+            "- **Geometry.** The crop and resize alone cost the classifier "
+            "`classifier.test_mean_accuracy` minus `reconstruction.classifier_mean_accuracy_cropped_originals` "
+            "(the originals judged through the same path), before any decoding.",
+        ]
+    if synthetic:
+        lines.append(
+            "- **Exact edits** (synthetic data). The generator redraws each edited face with only the label "
+            "set (add) or cleared (remove), and the classifier judges the full-size renders; eligibility "
+            "follows its reading of the original face. They show what a perfectly drawn one-attribute edit "
+            "scores with this judge.")
+        lines.append("- **Disentanglement** (synthetic data). The same face redrawn with one attribute flipped "
+                     "and re-embedded: the share of the squared change of the embedding that falls in that "
+                     "attribute's own block (1/L if it spread evenly).")
+    return "\n".join(lines)
+
+
+def run_section(run_id: str, uri: str, source: str, stages: Mapping[str, Mapping[str, Any]]) -> str:
+    """Where the run is and how long each stage took (the running one, which writes the report, has no time yet)."""
+    lines = [f"- run id: `{run_id}`", f"- location: `{uri}`", f"- data: `{source}`"]
+    for name, st in stages.items():
+        if st.get("status") == "running":  # this stage: its time lands in manifest.json when it ends
+            lines.append(f"- stage {name}: wrote this report (its time: `manifest.json`)")
+        elif "seconds" in st:
+            lines.append(f"- stage {name}: {st['status']} in {st['seconds']:.1f}s")
+    return "\n".join(lines)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from olr_ray.config import DataConfig
-from olr_ray.data import celeba
+from olr_ray.data import celeba, synthetic
 
 
 @dataclass
@@ -26,8 +26,6 @@ class Source:
 def synthetic_batch(batch: dict[str, np.ndarray], seed: int, size: int, label_noise: float,
                     keep: list[int], test_fraction: float) -> dict[str, np.ndarray]:
     """Draw the synthetic faces for a batch of indices (Ray Data ``map_batches`` function)."""
-    from olr_ray.data import synthetic
-
     idx = np.asarray(batch["id"], dtype=np.int64)
     drawn = synthetic.generate(idx, seed=seed, size=size, label_noise=label_noise)
     ids = [f"{i + 1:06d}.jpg" for i in idx]
@@ -46,8 +44,6 @@ def open_source(cfg: DataConfig, seed: int) -> Source:
     import ray
 
     if cfg.source == "synthetic":
-        from olr_ray.data import synthetic
-
         keep = celeba.select_labels(list(synthetic.ATTRIBUTES), cfg.drop_labels)
         names = [synthetic.ATTRIBUTES[i] for i in keep]
         n_blocks = max(2, min(64, cfg.n_images // 1000))

@@ -69,12 +69,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import ray.data
 
 ATTRIBUTES: list[str] = [
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
@@ -1097,43 +1093,6 @@ def set_and_render(indices: np.ndarray, attribute: str | int, value: int, seed: 
     attrs = sample_attributes(seed, idx)
     attrs[:, j] = value
     return render(attrs, seed, idx, size), attrs
-
-
-class _GenerateBatch:
-    """Ray Data batch function: turns a batch of ``id`` rows into images and labels."""
-
-    def __init__(self, seed: int, size: int, label_noise: float):
-        self.seed, self.size, self.label_noise = seed, size, label_noise
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = generate(batch["id"], self.seed, self.size, self.label_noise)
-        return {"index": out["index"], "image": out["image"], "labels": out["labels"]}
-
-
-def generate_dataset(n: int, seed: int = 0, size: int = 64, label_noise: float = 0.0,
-                     parallelism: int | None = None) -> "ray.data.Dataset":
-    """A Ray Dataset of ``n`` synthetic faces, generated lazily and in parallel.
-
-    Ray must already be initialised by the caller.
-
-    Args:
-        n: number of images (indices 0..n-1).
-        seed: dataset seed.
-        size: image side in pixels.
-        label_noise: fraction of observed labels flipped.
-        parallelism: number of blocks to generate in; Ray picks when None.
-
-    Returns:
-        Dataset with columns ``index`` (int64), ``image`` (uint8 size x size x 3 tensor) and
-        ``labels`` (int8, length 40, observed labels).
-    """
-    import ray.data
-
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    ds = ray.data.range(n, override_num_blocks=parallelism)
-    return ds.map_batches(_GenerateBatch(seed, size, label_noise), batch_format="numpy",
-                          batch_size=256)
 
 
 def write_celeba_folder(out: str, n: int, size: int = 64, seed: int = 0,

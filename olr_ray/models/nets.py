@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from olr_ray import storage
+
 
 def num_stages(image_size: int) -> int:
     """Stride-2 stages that bring the image down to about 4-6 pixels (178 -> 6, 64 -> 4, 32 -> 4)."""
@@ -235,6 +237,14 @@ class Decoder(nn.Module):
         return crop_to(x, self.output_size)
 
 
+def ssim_window(side: int) -> int:
+    """The SSIM Gaussian window for images of ``side`` pixels, in training and in the report alike:
+    11 (the usual, the paper's at 176) from 44 pixels up, 7 below, and the largest odd size that fits
+    under 7 pixels."""
+    win = 11 if side >= 44 else 7
+    return win if win <= side else max(1, side - (1 - side % 2))
+
+
 def crop_to(x: torch.Tensor, size: int) -> torch.Tensor:
     """Centre-crop NCHW images to ``size`` (the decoder's output side)."""
     h = x.shape[-1]
@@ -284,8 +294,6 @@ def load_checkpoint(data: bytes | str, map_location: str = "cpu") -> tuple[nn.Mo
         (model in eval mode, the whole checkpoint dict)
     """
     if isinstance(data, str):
-        from olr_ray import storage
-
         data = storage.read_bytes(data)
     state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
     model = create_model(state["model_name"], **state["model_args"])

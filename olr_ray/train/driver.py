@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from olr_ray import storage
+from olr_ray.models import load_checkpoint
 from olr_ray.runtime import ResourcePlan
 from olr_ray.train.loop import latest_checkpoint_uri, train_func
 
@@ -25,6 +26,20 @@ class FitResult:
     checkpoint_uri: str
     """URI of the final ``checkpoint.pt`` (model weights with constructor args)."""
     history: list[dict[str, Any]]
+
+    @property
+    def storage_retries(self) -> int:
+        """Storage retries of rank 0 over every attempt of the stage, from its checkpoint history.
+
+        Each epoch records its process's running count, which starts again at 0 in a restarted worker,
+        so a fall marks a new attempt. Retries after an attempt's last checkpoint were never recorded.
+        """
+        total = prev = 0
+        for h in self.history:
+            count = int(h.get("storage_retries", 0))
+            total += count - prev if count >= prev else count
+            prev = count
+        return total
 
 
 def fit(task, datasets: dict[str, Any], plan: ResourcePlan, checkpoints_uri: str, max_failures: int = 1,
@@ -70,8 +85,6 @@ def fit(task, datasets: dict[str, Any], plan: ResourcePlan, checkpoints_uri: str
     ckpt_uri = latest_checkpoint_uri(task.checkpoint_dir)
     if ckpt_uri is None:
         raise RuntimeError(f"{task.name}: training finished without a checkpoint under {task.checkpoint_dir}")
-    from olr_ray.models import load_checkpoint
-
     _, state = load_checkpoint(ckpt_uri)
     history = state.get("history", [])
     metrics = dict(result.metrics or (history[-1] if history else {}))

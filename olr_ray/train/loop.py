@@ -11,7 +11,6 @@ validates and writes the checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 import io
 import time
 from typing import Any

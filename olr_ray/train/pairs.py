@@ -10,6 +10,9 @@ instead, so that rare labels meet in pairs where both images have them (:func:`p
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from olr_ray.models.inference import ModelActor
 
 OCCLUSION_SALT = 0x0C1
 PAIRING_SALT = 0x0C3
@@ -110,8 +113,6 @@ def random_occlusion(images, prob: float, lo: float = 0.33, hi: float = 0.66, fi
     images it later labels: trained on clean images only, it reads a black rectangle as
     evidence (measured on the demo: p(Male) of women rose from 0.07 to 0.62 under occlusion).
     """
-    import torch
-
     n, h, w = images.shape[:3]
     g = generator
     u = torch.rand(n, 5, generator=g)
@@ -144,7 +145,7 @@ def shuffle_seed(seed: int, epoch: int) -> int:
     return (seed * 7919 + epoch * 104_729 + 17) % 2**31
 
 
-class PairLabeler:
+class PairLabeler(ModelActor):
     """Ray Data actor: pairs neighbouring rows, occludes both images, labels with the classifier.
 
     Loads the classifier once per actor. Input rows: ``uid``, ``image``, ``labels``; output
@@ -154,25 +155,15 @@ class PairLabeler:
 
     def __init__(self, classifier_uri: str, seed: int, epoch: int, target: str = "occlusion",
                  temperature: float = 2.0, lo: float = 0.33, hi: float = 0.66, fill: str = "zero",
-                 threads: int = 1, device: str = "cpu", prob: float = 1.0, label_share: float = 0.0):
-        import torch
-
-        from olr_ray.models import load_checkpoint
-
-        torch.set_num_threads(threads)
-        self.model, _ = load_checkpoint(classifier_uri)
-        self.device = torch.device(device)
-        self.model.to(self.device)
+                 threads: int = 1, use_gpu: bool = False, prob: float = 1.0, label_share: float = 0.0):
+        super().__init__(threads, use_gpu)
+        self.model = self.load(classifier_uri)
         self.seed, self.epoch, self.target = seed, epoch, target
         self.temperature, self.lo, self.hi, self.fill, self.prob = temperature, lo, hi, fill, prob
         self.label_share = label_share
 
     def probs(self, images: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            logits = self.model(torch.from_numpy(images).to(self.device))
-            return torch.sigmoid(logits / temperature).cpu().numpy()
+        return torch.sigmoid(self.run(self.model, images) / temperature).float().cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         labels = np.asarray(batch["labels"]).astype(np.int8)

@@ -7,15 +7,17 @@ through ``ray.train.get_dataset_shard`` only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from olr_ray.models import Decoder, create_model
-from olr_ray.models.nets import pair_dots
+from olr_ray.analysis.metrics import norm_ratio
+from olr_ray.models import Decoder, create_model, load_checkpoint
+from olr_ray.models.nets import pair_dots, ssim_window
+from olr_ray.train.pairs import random_occlusion
 
 
 @dataclass
@@ -89,8 +91,6 @@ class ClassifierTask(BaseTask):
     def loss(self, model, batch) -> torch.Tensor:
         images = batch["image"]
         if self.occlusion_prob > 0:
-            from olr_ray.train.pairs import random_occlusion
-
             images = random_occlusion(images, self.occlusion_prob, self.occlusion_min, self.occlusion_max,
                                       self.occlusion_fill)
         return F.binary_cross_entropy_with_logits(model(images), batch["labels"].float())
@@ -136,8 +136,6 @@ class SiameseTask(BaseTask):
     def build_model(self) -> torch.nn.Module:
         model = super().build_model()
         if self.init_trunk_from:
-            from olr_ray.models import load_checkpoint
-
             clf, _ = load_checkpoint(self.init_trunk_from)
             src, dst = clf.trunk.state_dict(), model.trunk.state_dict()
             if src.keys() == dst.keys() and all(src[k].shape == dst[k].shape for k in src):
@@ -170,29 +168,6 @@ class SiameseTask(BaseTask):
                 "val_norm_ratio_present_absent": norm_ratio(torch.cat(norms).numpy(), torch.cat(labels).numpy())}
 
 
-def norm_ratios(norms: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per label: mean block norm where present over where absent (NaN where one side is empty)."""
-    out = np.full(labels.shape[1], np.nan)
-    for l in range(labels.shape[1]):
-        present, absent = labels[:, l] == 1, labels[:, l] == 0
-        if present.any() and absent.any():
-            out[l] = norms[present, l].mean() / max(norms[absent, l].mean(), 1e-8)
-    return out
-
-
-def norm_ratio(norms: np.ndarray, labels: np.ndarray) -> float:
-    """Mean block norm where a label is present over where it is absent, averaged over labels.
-
-    Labels that are never (or always) present in ``labels`` are skipped.
-    """
-    ratios = []
-    for l in range(labels.shape[1]):
-        present, absent = labels[:, l] == 1, labels[:, l] == 0
-        if present.any() and absent.any():
-            ratios.append(norms[present, l].mean() / max(norms[absent, l].mean(), 1e-8))
-    return float(np.mean(ratios)) if ratios else float("nan")
-
-
 @dataclass
 class DecoderTask(BaseTask):
     """Decoder: alpha * (1 - SSIM)(x, out) + (1 - alpha) * MSE(x, minmax(out)) (paper eq. 3), plus two
@@ -221,14 +196,11 @@ class DecoderTask(BaseTask):
     edit_chol: np.ndarray | None = None
     """(L, k, k) Cholesky factors of the per-label covariances (zeros for a label no image has)."""
     shuffle_buffer: int | None = 1024
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def _frozen(self, uri: str, device) -> torch.nn.Module:
         """A frozen trained model (classifier or Siamese), loaded once per worker, off the optimizer."""
         cache = self.__dict__.setdefault("_frozen_models", {})
         if uri not in cache:
-            from olr_ray.models import load_checkpoint
-
             net, _ = load_checkpoint(uri)
             cache[uri] = net.eval().requires_grad_(False)
         return cache[uri].to(device)
@@ -286,8 +258,7 @@ class DecoderTask(BaseTask):
         # One forward pass for the batch and its edits: DDP expects one forward per backward.
         out = model(E if edited is None else torch.cat([E, edited]))
         out, out_edited = out[:len(E)], out[len(E):]
-        win = 11 if m.output_size >= 44 else 7
-        s = ssim(out, x, data_range=1.0, size_average=True, win_size=win)
+        s = ssim(out, x, data_range=1.0, size_average=True, win_size=ssim_window(m.output_size))
         rec = Decoder.rescale(out)
         mse = F.mse_loss(rec, x)
         loss = self.alpha * (1 - s) + (1 - self.alpha) * mse
@@ -310,9 +281,8 @@ class DecoderTask(BaseTask):
         for batch in self.eval_batches("valid", device):
             loss, _, _, rec = self._losses(model, batch, edits)
             x = model.target(batch["image"])
-            win = 11 if model.output_size >= 44 else 7
             n = len(x)
-            ssim_sum += float(ssim(rec, x, data_range=1.0, size_average=True, win_size=win)) * n
+            ssim_sum += float(ssim(rec, x, data_range=1.0, size_average=True, win_size=ssim_window(model.output_size))) * n
             mse = ((rec - x) ** 2).flatten(1).mean(1).clamp_min(1e-10)
             psnr_sum += float((10 * torch.log10(1.0 / mse)).sum())
             loss_sum += float(loss) * n

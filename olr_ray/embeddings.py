@@ -1,22 +1,27 @@
-"""Batch embedding with Ray Data into a Parquet dataset that is committed exactly once.
+"""The committed embedding format: schema, per-file writer, commit, and a reader without Ray.
 
 Layout under ``<run>/embeddings/``:
 - ``_staging/<attempt>/part-*.parquet`` while the stage runs (readers never look here:
   pyarrow, Ray and DuckDB's ``*.parquet`` globs skip ``_``-prefixed folders);
 - ``part-*.parquet`` + ``manifest.json`` + ``_SUCCESS`` once committed. ``_SUCCESS`` is
-  written last: no ``_SUCCESS``, no dataset. :func:`olr_ray.analysis.load_embeddings`
-  reads exactly the files that the manifest lists.
+  written last: no ``_SUCCESS``, no dataset. :func:`load_embeddings` reads exactly the
+  files that the manifest lists.
 
 File names come from the smallest ``uid`` in the file, so a retried task rewrites the same
 file instead of adding a second copy of its rows.
+
+This module imports neither torch nor Ray: analysts read embeddings with it alone.
+
+>>> from olr_ray.embeddings import load_embeddings
+>>> emb = load_embeddings("runs/<run-id>/embeddings")        # or s3://bucket/runs/<run-id>/embeddings
+>>> emb.E.shape, emb.label_names[:3]
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
-import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +31,6 @@ import pyarrow.parquet as pq
 import olr_ray
 from olr_ray import storage
 
-log = logging.getLogger("olr_ray.embed")
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
 STAGING = "_staging"
@@ -78,41 +82,6 @@ def to_table(uids, image_ids, splits, labels, E, probs, schema: pa.Schema) -> pa
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-class Embedder:
-    """Ray Data actor: loads the Siamese network and the classifier once, embeds batches.
-
-    Returns Arrow tables in :func:`embedding_schema`, so nothing passes through Ray's tensor
-    extension types.
-    """
-
-    def __init__(self, siamese_uri: str, classifier_uri: str, metadata: dict[str, str], threads: int = 1,
-                 use_gpu: bool = False):
-        import torch
-
-        from olr_ray.models import load_checkpoint
-
-        torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.siamese, state = load_checkpoint(siamese_uri)
-        self.classifier, _ = load_checkpoint(classifier_uri)
-        self.siamese.to(self.device)
-        self.classifier.to(self.device)
-        label_names = json.loads(metadata["olr.label_names"])
-        self.schema = embedding_schema(label_names, self.siamese.k, metadata)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        import torch
-
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
-        with torch.inference_mode():
-            E = self.siamese(images).float().cpu().numpy()
-            probs = torch.sigmoid(self.classifier(images)).float().cpu().numpy()
-        labels = batch["labels"]
-        if labels.dtype == object:
-            labels = np.stack(labels)
-        return to_table(batch["uid"], batch["image_id"], batch["split"], labels, E, probs, self.schema)
-
-
 def write_part(table: pa.Table, staging_uri: str, schema_metadata: dict[str, str]) -> pa.Table:
     """Write one batch to ``staging/part-<min uid>.parquet`` with the file metadata.
 
@@ -157,51 +126,84 @@ def commit(embeddings_uri: str, staging_uri: str, parts: list[tuple[str, int]], 
     return manifest
 
 
-def is_committed(embeddings_uri: str) -> bool:
-    return storage.exists(storage.join(embeddings_uri, SUCCESS)) and storage.exists(storage.join(embeddings_uri, MANIFEST))
+# --------------------------------------------------------------------------- reading
 
 
-def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_uri: str, label_names: list[str],
-                  k: int, run_id: str, plan, batch_size: int = 256, rows_per_file: int = 50_000,
-                  config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Embed every row of ``images_ds`` and commit the result under ``embeddings_uri``.
+class NotCommittedError(RuntimeError):
+    """The embedding folder has no ``_SUCCESS``: it is being written, or a write failed."""
+
+
+@dataclass
+class Embeddings:
+    ids: np.ndarray
+    """image_id per row (str)."""
+    uids: np.ndarray
+    splits: np.ndarray
+    E: np.ndarray | None
+    """(N, L, k) float32, or None when the ``embedding`` column was not read."""
+    labels: np.ndarray | None
+    """(N, L) int8 0/1."""
+    label_names: list[str]
+    k: int
+    norms: np.ndarray | None = None
+    probs: np.ndarray | None = None
+    metadata: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def select(self, mask: np.ndarray) -> "Embeddings":
+        pick = lambda a: None if a is None else a[mask]  # noqa: E731
+        return Embeddings(self.ids[mask], self.uids[mask], self.splits[mask], pick(self.E), pick(self.labels),
+                          self.label_names, self.k, pick(self.norms), pick(self.probs), self.metadata)
+
+
+def _fixed(col: pa.ChunkedArray, width: int, dtype) -> np.ndarray:
+    arr = col.combine_chunks()
+    return arr.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(len(arr), width)
+
+
+def load_embeddings(uri: str, columns: list[str] | None = None, split: str | None = None) -> Embeddings:
+    """Read a committed embedding dataset (local or ``s3://``) without Ray.
+
+    Only the files listed in ``manifest.json`` are read, and only once ``_SUCCESS`` exists,
+    so a dataset being written or a failed write is never half-read.
 
     Args:
-        images_ds: Ray Dataset with ``uid``, ``image_id``, ``split``, ``labels``, ``image``.
-        plan: :class:`olr_ray.runtime.ResourcePlan`; the actor pool is sized from it so read
-            tasks always keep a CPU.
+        uri: ``<run>/embeddings``.
+        columns: subset of columns to read (default: all array columns).
+        split: keep only this split (train|valid|test).
 
-    Returns:
-        The committed manifest.
+    Raises:
+        NotCommittedError: when there is no committed dataset at ``uri``.
     """
-    import ray
-
-    metadata = file_metadata(label_names, k, run_id, siamese_uri)
-    staging = storage.join(embeddings_uri, STAGING, uuid.uuid4().hex[:12])
-    actor_args: dict[str, Any] = {"num_gpus": 1} if plan.use_gpu else {"num_cpus": plan.task_cpus}
-    embedded = images_ds.map_batches(
-        Embedder,
-        fn_constructor_kwargs=dict(siamese_uri=siamese_uri, classifier_uri=classifier_uri, metadata=metadata,
-                                   threads=max(1, plan.threads_per_worker), use_gpu=plan.use_gpu),
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
-        batch_format="numpy",
-        **actor_args,
+    if not storage.exists(storage.join(uri, SUCCESS)):
+        raise NotCommittedError(f"{uri}: no committed embeddings ({SUCCESS} missing); run the embed stage first")
+    manifest = storage.read_json(storage.join(uri, MANIFEST))
+    fs, _ = storage.resolve(uri)
+    want = columns or ["uid", "image_id", "split", "labels", "embedding", "norms", "probs"]
+    want = list(dict.fromkeys(["uid", "image_id", "split"] + want))
+    tables = [pq.read_table(storage.resolve(storage.join(uri, f["path"]))[1], filesystem=fs, columns=want)
+              for f in manifest["files"]]
+    table = pa.concat_tables(tables) if tables else None
+    names = manifest["label_names"]
+    L, k = len(names), int(manifest["k"])
+    if table is None or table.num_rows == 0:
+        empty = np.zeros(0)
+        return Embeddings(empty.astype(str), empty.astype(np.int64), empty.astype(str), None, None, names, k)
+    table = table.sort_by("uid")
+    if split is not None:
+        table = table.filter(pa.compute.equal(table["split"], split))
+    meta = {k_.decode(): v.decode() for k_, v in (pq.read_schema(storage.resolve(storage.join(uri, manifest["files"][0]["path"]))[1], filesystem=fs).metadata or {}).items()}
+    return Embeddings(
+        ids=table["image_id"].to_numpy(zero_copy_only=False).astype(str),
+        uids=table["uid"].to_numpy(),
+        splits=table["split"].to_numpy(zero_copy_only=False).astype(str),
+        E=_fixed(table["embedding"], L * k, np.float32).reshape(-1, L, k) if "embedding" in want else None,
+        labels=_fixed(table["labels"], L, np.int8) if "labels" in want else None,
+        label_names=names,
+        k=k,
+        norms=_fixed(table["norms"], L, np.float32) if "norms" in want else None,
+        probs=_fixed(table["probs"], L, np.float32) if "probs" in want else None,
+        metadata={**meta, "olr.label_names": json.loads(meta.get("olr.label_names", "[]"))},
     )
-    written = embedded.map_batches(
-        write_part, fn_kwargs=dict(staging_uri=staging, schema_metadata=metadata),
-        batch_size=rows_per_file, batch_format="pyarrow", num_cpus=plan.task_cpus,
-    )
-    rows = written.take_all()
-    parts = [(r["file"], int(r["rows"])) for r in rows]
-    names = [p[0] for p in parts]
-    if len(names) != len(set(names)):
-        raise RuntimeError(f"embedding write produced duplicate file names under {staging}")
-    schema = embedding_schema(label_names, k, metadata)
-    manifest = {
-        "run_id": run_id, "model": siamese_uri, "classifier": classifier_uri, "label_names": label_names, "k": k,
-        "schema": schema.to_string(show_schema_metadata=False), "olr_ray_version": olr_ray.__version__,
-        "config": config or {},
-        "storage_retries": int(sum(int(r["retries"]) for r in rows)),
-    }
-    return commit(embeddings_uri, staging, parts, manifest)

@@ -1,0 +1,147 @@
+"""The run folder: where a run's outputs live and what its manifest and metrics record.
+
+Layout of ``<output>/<run-id>/``: ``config.yaml``, ``manifest.json`` (each stage's status,
+timings, row counts and metric keys; versions; git commit), ``data/``, ``checkpoints/``,
+``embeddings/``, ``errors/``, ``analysis/``, ``metrics.json``, ``report.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+import olr_ray
+from olr_ray import storage
+from olr_ray.config import PipelineConfig, from_dict, to_yaml
+from olr_ray.runtime import ResourcePlan
+
+log = logging.getLogger("olr_ray")
+
+
+class UsageError(ValueError):
+    """What was asked cannot be done as asked (options, run id, stage order); the message says what to change."""
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def default_run_id(cfg: PipelineConfig) -> str:
+    digest = hashlib.sha1(to_yaml(cfg).encode()).hexdigest()[:6]
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + digest
+
+
+def _git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:  # noqa: BLE001 - no git is fine
+        return None
+
+
+@dataclass
+class Run:
+    """Paths and bookkeeping of one run folder (local or S3)."""
+
+    cfg: PipelineConfig
+    uri: str
+    run_id: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.uri, *parts)
+
+    @classmethod
+    def open(cls, cfg: PipelineConfig, output: str, run_id: str, stages: tuple[str, ...]) -> "Run":
+        """Create the run folder, or reopen it for resume (its saved config must match)."""
+        uri = storage.join(output, run_id)
+        run = cls(cfg, uri, run_id)
+        if storage.exists(run.path("manifest.json")):
+            run.manifest = storage.read_json(run.path("manifest.json"))
+            if storage.exists(run.path("metrics.json")):
+                run.metrics = storage.read_json(run.path("metrics.json"))
+            saved = from_dict(yaml.safe_load(storage.read_bytes(run.path("config.yaml")).decode()) or {})
+            if to_yaml(saved) != to_yaml(cfg):
+                raise UsageError(f"run {run_id} at {uri} was started with a different config; "
+                                 f"use a new --run-id or the same options (see {run.path('config.yaml')})")
+            log.info("resuming run %s at %s", run_id, uri)
+        else:
+            import ray  # heavy: only once the request has been checked
+            import torch
+
+            storage.makedirs(uri)
+            storage.write_bytes(run.path("config.yaml"), to_yaml(cfg).encode())
+            run.manifest = {
+                "run_id": run_id,
+                "created_at": utc_now(),
+                "versions": {"olr_ray": olr_ray.__version__, "ray": ray.__version__, "torch": torch.__version__,
+                             "python": platform.python_version()},
+                "git_commit": _git_commit(),
+                "stages": {s: {"status": "pending"} for s in stages},
+            }
+            run.save()
+        return run
+
+    def save(self) -> None:
+        # S3 retries (throttling, 5xx) counted by this process and reported by each stage's workers.
+        per_stage = {n: int(st.get("storage_retries", 0)) for n, st in self.manifest["stages"].items()}
+        driver = storage.retry_count()
+        self.manifest["storage_retries"] = {"driver": driver, **per_stage, "total": driver + sum(per_stage.values())}
+        storage.write_json(self.path("manifest.json"), self.manifest)
+        storage.write_json(self.path("metrics.json"), self.metrics)
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.manifest["stages"].setdefault(name, {"status": "pending"})
+
+    def done(self, name: str) -> bool:
+        return self.stage(name).get("status") == "done"
+
+    def record(self, stage: str, metrics: dict[str, Any]) -> None:
+        """Add a stage's metrics; every key has one writer, so a key another stage wrote is an error."""
+        owners = {k: name for name, st in self.manifest["stages"].items() if name != stage
+                  for k in st.get("metric_keys", [])}
+        clash = sorted(k for k in metrics if k in owners)
+        if clash:
+            raise RuntimeError(f"stage {stage} would overwrite metrics of another stage: "
+                               + ", ".join(f"{k} ({owners[k]})" for k in clash))
+        self.metrics.update(metrics)
+        st = self.stage(stage)
+        st["metric_keys"] = sorted(set(st.get("metric_keys", [])) | set(metrics))
+
+    # ----------------------------------------------------------------------- the prepared data
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """What the data stage recorded: label_names, image_size, splits, rows, kind."""
+        return self.stage("data")
+
+    def split_dirs(self, splits: list[str] | None = None) -> list[str]:
+        present = self.data.get("splits", {})
+        wanted = splits or [s for s in ("train", "valid", "test") if present.get(s)]
+        return [self.path("data", f"part={s}") for s in wanted if present.get(s)]
+
+    def eval_split(self) -> str:
+        """Validation split for per-epoch metrics: ``valid`` when the data has one, else ``test``."""
+        return "valid" if self.data.get("splits", {}).get("valid") else "test"
+
+    def read_images(self, splits: list[str] | None, plan: ResourcePlan, columns: list[str] | None = None):
+        """The prepared images of some splits as a Ray Dataset (read tasks ask for ``plan.task_cpus``)."""
+        import ray
+
+        dirs = self.split_dirs(splits)
+        if not dirs:
+            raise RuntimeError(f"run {self.run_id}: no prepared images for splits {splits} under {self.path('data')}")
+        fs, _ = storage.resolve(self.uri)
+        paths = [storage.resolve(d)[1] for d in dirs]
+        ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=plan.task_cpus)
+        return ds.select_columns(columns) if columns else ds

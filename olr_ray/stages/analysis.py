@@ -1,0 +1,244 @@
+"""Analysis stage: the paper's experiments on the committed embeddings, figures and report.md.
+
+Everything is computed from the committed embedding Parquet (plus the prepared images for
+figures, and the trained models for decoding and editing) and written to ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from olr_ray import storage
+from olr_ray.analysis import editing
+from olr_ray.analysis import metrics as M
+from olr_ray.analysis import plots as P
+from olr_ray.analysis.report import measurement_section, run_section, write_report
+from olr_ray.data import synthetic
+from olr_ray.embeddings import Embeddings, load_embeddings
+from olr_ray.models import load_checkpoint
+from olr_ray.run import Run, UsageError
+from olr_ray.runtime import ResourcePlan
+
+NAME = "analysis"
+# The analysis works without a decoder (no reconstruction or editing then).
+REQUIRES = ("data", "classifier", "siamese", "embed")
+
+
+def check(run: Run) -> None:
+    """Options that name a label must name one of the data's, checked once the data stage is done."""
+    names = run.data.get("label_names") or []
+    label = run.cfg.analysis.pca_label
+    if label not in names:
+        raise UsageError(f"analysis.pca_label={label!r} is not a label of {run.cfg.data.source!r}; expected one "
+                         f"of: {', '.join(names)}. The data stage is done: start a new --run-id with "
+                         f"analysis.pca_label=<label>")
+
+
+@dataclass
+class _Context:
+    """What every part of the analysis reads, and the figures it has drawn (title -> local PNG)."""
+
+    run: Run
+    names: list[str]
+    size: int
+    train: Embeddings
+    test: Embeddings
+    tmp: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="olr-analysis-"))
+    figs: dict[str, str] = field(default_factory=dict)
+
+    def fig(self, name: str) -> str:
+        return os.path.join(self.tmp, name)
+
+
+def read_split_images(run: Run, plan: ResourcePlan, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uids, images) of one split, sorted by uid."""
+    out_u, out_i = [], []
+    for b in run.read_images([split], plan, ["uid", "image"]).iter_batches(batch_size=1024, batch_format="numpy"):
+        out_u.append(b["uid"])
+        out_i.append(b["image"])
+    u, imgs = np.concatenate(out_u), np.concatenate(out_i)
+    order = np.argsort(u)
+    return u[order], imgs[order]
+
+
+def _probe(c: _Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Linear probe vs the classifier (its committed probabilities), on the same test images."""
+    cfg = c.run.cfg
+    probe = M.linear_probe(c.train.E, c.train.labels, c.test.E, c.test.labels, epochs=cfg.analysis.probe_epochs,
+                           seed=cfg.seed)
+    clf_acc = M.mean_accuracy(c.test.probs, c.test.labels)
+    return probe, {
+        "probe.test_mean_accuracy": probe["test_mean_accuracy"],
+        "probe.test_balanced_accuracy": probe["test_balanced_accuracy"],
+        "probe.classifier_test_mean_accuracy": clf_acc,
+        "probe.classifier_test_balanced_accuracy": M.balanced_accuracy(c.test.probs, c.test.labels),
+        "probe.minus_classifier": probe["test_mean_accuracy"] - clf_acc,
+        "probe.test_accuracy_per_label": dict(zip(c.names, map(float, probe["per_label_accuracy"]))),
+    }
+
+
+def _correlation(c: _Context, emb: Embeddings) -> dict[str, Any]:
+    """Correlation of per-label norms against the labels' own correlation."""
+    norm_corr, label_corr = M.norm_correlation(emb.E), M.label_correlation(emb.labels)
+    r = M.offdiag_agreement(norm_corr, label_corr)
+    c.figs["Correlation of per-label embedding norms vs label correlation"] = P.plot_correlation_pair(
+        norm_corr, label_corr, c.names, c.fig("correlation_pair.png"), r)
+    c.figs["Pearson correlation of per-label embedding norms"] = P.plot_correlation_heatmap(
+        norm_corr, c.names, c.fig("norm_correlation.png"), "Pearson correlation of per-label embedding norms")
+    np.save(c.fig("norm_correlation.npy"), norm_corr)
+    return {"correlation.vs_label_corr_r": r}
+
+
+def _pca(c: _Context, emb: Embeddings, test_images: np.ndarray) -> dict[str, Any]:
+    """PCA of one label's vectors; test images ranked on the first component."""
+    label = c.run.cfg.analysis.pca_label
+    li = c.names.index(label)
+    pca = M.label_pca(emb.E[:, li, :])
+    c.figs[f"PCA of {label} embeddings: explained variance"] = P.plot_pca_variance(
+        pca["explained_variance_ratio"], c.fig("pca_variance.png"), label)
+    proj = (c.test.E[:, li, :] - pca["mean"]) @ pca["components"][0]
+    c.figs[f"Test images ranked by their {label} first-component projection"] = P.plot_ranked_strip(
+        test_images, proj, c.fig("pca_ranked_strip.png"), f"Ranked by PC1 of {label}", n=10, value_name="PC1")
+    return {"pca.label": label, "pca.explained_variance_ratio": [float(v) for v in pca["explained_variance_ratio"]]}
+
+
+def _reconstruction(c: _Context, decoder, clf, x: torch.Tensor) -> tuple[dict[str, Any], np.ndarray]:
+    """The test split decoded from its embeddings: SSIM/PSNR, and how much of each label survives."""
+    rec = editing.batched(decoder.reconstruct, torch.from_numpy(c.test.E))
+    ssim, psnr = M.ssim_psnr(rec, x)
+    # The classifier on the decoded test faces: how much of each label survives decoding, the
+    # ceiling of editing success (edits are judged by this same classifier on decoded faces).
+    rec_probs = editing.classify_reconstruction(clf, rec, c.size)
+    recall = M.per_label_recall(rec_probs, c.test.labels)
+    n_show = min(8, len(x))
+    c.figs["Test originals (top) and their reconstructions from the embedding (bottom)"] = P.plot_image_grid(
+        [[x[i].numpy() for i in range(n_show)], [rec[i].numpy() for i in range(n_show)]],
+        c.fig("reconstructions.png"), row_titles=["original", "reconstruction"])
+    return {
+        "reconstruction.test_ssim": float(ssim), "reconstruction.test_psnr": float(psnr),
+        "reconstruction.classifier_mean_accuracy": M.mean_accuracy(rec_probs, c.test.labels),
+        "reconstruction.label_recall": float(np.nanmean(recall)),
+        "reconstruction.label_recall_per_label": {n: float(v) for n, v in zip(c.names, recall)},
+        # The originals through the decoded faces' path (centre crop, resized back): what of the gap
+        # to classifier.test_mean_accuracy is the decoder's geometry rather than its drawing.
+        "reconstruction.classifier_mean_accuracy_cropped_originals": M.mean_accuracy(
+            editing.classify_reconstruction(clf, x, c.size), c.test.labels),
+    }, recall
+
+
+def _editing(c: _Context, decoder, clf, probe: dict[str, Any], x: torch.Tensor, test_images: np.ndarray,
+             recall: np.ndarray) -> dict[str, Any]:
+    """Per-label Gaussians, then every label added and removed on the first test faces, judged on the decoded faces."""
+    run, cfg, seed = c.run, c.run.cfg.analysis, c.run.cfg.seed
+    g = M.fit_label_gaussians(c.train.E, c.train.labels)
+    np.savez(c.fig("gaussians.npz"), mean=g["mean"], cov=g["cov"], count=g["count"], label_names=np.array(c.names))
+    n_edit = min(cfg.edit_images, len(c.test))
+    E0 = c.test.E[:n_edit]
+    # Two judges of every edit: the classifier (the paper's judge, and the metric's), and the
+    # Siamese network re-embedding the decoded face with the linear probe reading its labels.
+    # Each is flattered when the decoder trained through it: decoder.edit_weight > 0 (the
+    # default) trains through the Siamese network, decoder.label_weight > 0 through the
+    # classifier. With the defaults the classifier is the judge the decoder never saw.
+    siamese, _ = load_checkpoint(run.stage("siamese")["checkpoint"])
+
+    def judge(E: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rec = editing.batched(decoder.reconstruct, torch.from_numpy(E))
+        return (editing.classify_reconstruction(clf, rec, c.size),
+                M.probe_predict(probe, editing.reembed(siamese, rec, c.size)))
+
+    out, add_by_label, rem_by_label = editing.edit_success(judge, E0, g, c.names, cfg.edit_scales, seed)
+    d = run.cfg.decoder
+    out["editing.decoder_trained_through"] = ", ".join(
+        name for name, w in (("siamese (flatters the _reembedded judge)", d.edit_weight),
+                             ("classifier (flatters the classifier's judgement)", d.label_weight)) if w > 0
+    ) or "neither judge"
+    # On synthetic data, exact one-attribute edits judged the same way, drawn beside the decoded adds.
+    uids = c.test.uids[:n_edit]
+    exact = (editing.exact_edits(clf, c.names, uids, test_images[:n_edit], seed, c.size)
+             if run.data.get("kind") == "synthetic" else {})
+    out.update(exact)
+    series = {"add (s=1)": add_by_label}
+    if exact:
+        series["add, exact edits (the face redrawn with the label set)"] = [
+            exact["editing.exact_add_success_per_label"].get(n, np.nan) for n in c.names]
+    series.update({"remove": rem_by_label, "label seen on decoded faces that have it": recall})
+    c.figs["Editing success per label (judged by the classifier on the decoded images)"] = P.plot_per_label_bars(
+        series, c.names, c.fig("editing_per_label.png"), "Editing success per label",
+        ylabel="fraction of eligible test images", bar=0.7)
+    redraw = (lambda name: synthetic.set_and_render(uids[:4], name, 1, seed, c.size)[0]) if exact else None
+    c.figs.update(editing.editing_figures(decoder, g, E0, c.names, cfg.edit_scales, c.fig, seed,
+                                          originals=x[:n_edit], exact=redraw))
+    return out
+
+
+def _curves(history: list[dict[str, Any]]) -> dict[str, list[float]]:
+    keys = [k for k in (history[0] if history else {}) if k.endswith(("loss", "accuracy", "r2", "ssim", "psnr"))
+            and isinstance(history[0][k], (int, float))]
+    return {k: [float(h.get(k, np.nan)) for h in history] for k in keys}
+
+
+def _publish(c: _Context, decoder_out: int | None) -> list[str]:
+    """Upload the figures, the arrays beside them, then the report that links them by relative path."""
+    run = c.run
+    storage.makedirs(run.path("analysis"))
+    local = os.path.join(c.tmp, "analysis")
+    os.makedirs(local, exist_ok=True)
+    rel: dict[str, str] = {}
+    for title, path in c.figs.items():
+        name = os.path.basename(path)
+        storage.write_bytes(run.path("analysis", name), open(path, "rb").read())
+        os.replace(path, os.path.join(local, name))
+        rel[title] = os.path.join(local, name)
+    for extra in ("gaussians.npz", "norm_correlation.npy"):
+        if os.path.exists(c.fig(extra)):
+            storage.write_bytes(run.path("analysis", extra), open(c.fig(extra), "rb").read())
+    # This stage's own time is known only after the report is written: leave out an earlier attempt's.
+    shown = {k: v for k, v in run.metrics.items() if k != "timing.analysis_seconds"}
+    synthetic_data = run.data.get("kind") == "synthetic"
+    sections = {"How the numbers are measured": measurement_section(run.cfg.analysis.edit_images, c.size,
+                                                                    decoder_out, synthetic_data),
+                "Run": run_section(run.run_id, run.uri, run.cfg.data.source, run.manifest["stages"])}
+    report = write_report(c.tmp, shown, rel, paper_reference=not synthetic_data, extra_sections=sections)
+    storage.write_bytes(run.path("report.md"), open(report, "rb").read())
+    return sorted(os.path.basename(p) for p in c.figs.values())
+
+
+def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
+    check(run)  # run_pipeline checked already; a direct call too
+    torch.set_num_threads(max(1, int(os.cpu_count() or 1)))
+    emb = load_embeddings(run.path("embeddings"))
+    c = _Context(run, run.data["label_names"], run.data["image_size"], emb.select(emb.splits == "train"),
+                 emb.select(emb.splits == "test"))
+    probe, out = _probe(c)
+    out.update(_correlation(c, emb))
+    test_uids, test_images = read_split_images(run, plan, "test")
+    if not np.array_equal(test_uids, c.test.uids):
+        raise RuntimeError("test images and test embeddings disagree on uids")
+    out.update(_pca(c, emb, test_images))
+    clf, _ = load_checkpoint(run.stage("classifier")["checkpoint"])
+    decoder_out = None
+    if run.stage("decoder").get("checkpoint"):
+        decoder, dstate = load_checkpoint(run.stage("decoder")["checkpoint"])
+        decoder_out = decoder.output_size
+        x = decoder.target(test_images)
+        rec_out, recall = _reconstruction(c, decoder, clf, x)
+        out.update(rec_out)
+        c.figs["Decoder training"] = P.plot_training_curves(_curves(dstate.get("history", [])),
+                                                            c.fig("decoder_curves.png"))
+        out.update(_editing(c, decoder, clf, probe, x, test_images, recall))
+    if run.data.get("kind") == "synthetic" and run.cfg.analysis.disentangle_faces > 0:
+        siamese, _ = load_checkpoint(run.stage("siamese")["checkpoint"])
+        out.update(editing.disentanglement(siamese, c.names, c.size, run.cfg.analysis.disentangle_faces,
+                                           run.cfg.seed))
+    for stage in ("classifier", "siamese"):
+        _, st = load_checkpoint(run.stage(stage)["checkpoint"])
+        c.figs[f"{stage.capitalize()} training"] = P.plot_training_curves(_curves(st.get("history", [])),
+                                                                         c.fig(f"{stage}_curves.png"))
+    run.record(NAME, out)
+    return {"figures": _publish(c, decoder_out), "report": run.path("report.md")}
