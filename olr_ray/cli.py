@@ -21,6 +21,8 @@ import sys
 import olr_ray
 from olr_ray.config import PRESETS, ConfigError, PipelineConfig, build_config
 from olr_ray.data.celeba import DatasetFormatError
+from olr_ray.edit import edit, edit_grid
+from olr_ray.embed_job import embed_images
 from olr_ray.pipeline import run_pipeline, summary
 from olr_ray.run import UsageError
 from olr_ray.stages import STAGES
@@ -97,3 +99,59 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def console() -> None:
     """The ``olr-ray`` console script."""
     sys.exit(main(prog="olr-ray"))
+
+
+def _fail(exc: Exception) -> int:
+    """One ``error:`` line for what the user must change (2) or a file, storage or data problem (1)."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2 if isinstance(exc, UsageError) else 1
+
+
+def embed_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``jobs/embed.py``: embed new images with a trained run, without training."""
+    p = argparse.ArgumentParser(prog=prog, description="Embed new images with a trained run, without training: "
+                                "the same committed Parquet as the run's own embeddings/.")
+    p.add_argument("--version", action="version", version=f"olr_ray {olr_ray.__version__}")
+    p.add_argument("--model", required=True, metavar="RUN", help="the trained run folder: <output>/<run-id>")
+    p.add_argument("--data", required=True, metavar="PATH|s3://...",
+                   help="a CelebA-format folder (its labels are kept) or any folder or prefix of images "
+                        "(labels null); images are centre-cropped and resized to the model's size")
+    p.add_argument("--output", required=True, metavar="PATH|s3://...", help="where the embeddings are committed")
+    p.add_argument("--split", default="all", help="split value for images without list_eval_partition.txt")
+    p.add_argument("--num-workers", type=int, default=2, help="sizes the Ray Data actor pool like the pipeline")
+    p.add_argument("--use-gpu", choices=["auto", "true", "false"], default="auto")
+    p.add_argument("--batch-size", type=int, default=256, help="images per inference batch")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        manifest = embed_images(args.model, args.data, args.output, args.num_workers, args.use_gpu, args.batch_size,
+                                split=args.split)
+    except (UsageError, StorageError, DatasetFormatError) as exc:
+        return _fail(exc)
+    print(f"{manifest['rows']} rows committed: {args.output} (unreadable images: {manifest['errors']})")
+    return 0
+
+
+def edit_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``jobs/edit.py``: add or remove labels of some images of a trained run and draw the grid."""
+    p = argparse.ArgumentParser(prog=prog, description="Edit images of a trained run: add or remove labels in "
+                                "their embeddings, decode, and draw original, reconstruction and each edit.")
+    p.add_argument("--version", action="version", version=f"olr_ray {olr_ray.__version__}")
+    p.add_argument("--run", required=True, metavar="RUN", help="the trained run folder: <output>/<run-id>")
+    p.add_argument("--image", required=True, action="append", metavar="IMAGE_ID",
+                   help="an image_id of the run (repeat for more rows)")
+    p.add_argument("--add", action="append", default=[], metavar="LABEL", help="label to add (repeatable)")
+    p.add_argument("--remove", action="append", default=[], metavar="LABEL", help="label to remove (repeatable)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplier of the added block (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampled blocks")
+    p.add_argument("--out", default="edits.png", metavar="PNG", help="the grid (local or s3://; default edits.png)")
+    args = p.parse_args(argv)
+    if not args.add and not args.remove:
+        p.error("give at least one --add or --remove")
+    try:
+        res = edit(args.run, args.image, args.add, args.remove, args.scale, args.seed)
+        edit_grid(res, args.out, title=f"{args.run.rstrip('/').rsplit('/', 1)[-1]}: {', '.join(res.edits)}")
+    except (UsageError, StorageError, DatasetFormatError) as exc:
+        return _fail(exc)
+    print(f"wrote {args.out}: {len(res.image_ids)} image(s) x {', '.join(['original', 'reconstruction', *res.edits])}")
+    return 0

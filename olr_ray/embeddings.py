@@ -34,6 +34,11 @@ from olr_ray import storage
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
 STAGING = "_staging"
+SCHEMA_VERSION = 2
+"""1: uid, image_id, split, labels, embedding, norms, probs, norm_<Name>. 2 adds label_<Name> (int8,
+null where the image has no labels) and prob_<Name>, and sorts each file by split in row groups of
+ROW_GROUP_ROWS."""
+ROW_GROUP_ROWS = 10_000
 
 
 def embedding_schema(label_names: list[str], k: int, metadata: dict[str, str] | None = None) -> pa.Schema:
@@ -47,7 +52,10 @@ def embedding_schema(label_names: list[str], k: int, metadata: dict[str, str] | 
         pa.field("embedding", pa.list_(pa.float32(), L * k)),
         pa.field("norms", pa.list_(pa.float32(), L)),
         pa.field("probs", pa.list_(pa.float32(), L)),
-    ] + [pa.field(f"norm_{name}", pa.float32()) for name in label_names]
+    ]
+    fields += [pa.field(f"norm_{name}", pa.float32()) for name in label_names]
+    fields += [pa.field(f"label_{name}", pa.int8()) for name in label_names]
+    fields += [pa.field(f"prob_{name}", pa.float32()) for name in label_names]
     return pa.schema(fields, metadata=metadata)
 
 
@@ -58,28 +66,39 @@ def file_metadata(label_names: list[str], k: int, run_id: str, model_uri: str) -
         "olr.run_id": run_id,
         "olr.model": model_uri,
         "olr.version": olr_ray.__version__,
+        "olr.schema_version": str(SCHEMA_VERSION),
     }
 
 
 def to_table(uids, image_ids, splits, labels, E, probs, schema: pa.Schema) -> pa.Table:
-    """Arrow table of one batch in the committed schema."""
+    """Arrow table of one batch in the committed schema.
+
+    ``labels``: (N, L) 0/1, where a row with a negative value is an image without labels (its
+    ``labels`` and ``label_<Name>`` are null).
+    """
     n, L, k = E.shape
     E = np.ascontiguousarray(E, dtype=np.float32)
     norms = np.linalg.norm(E, axis=-1).astype(np.float32)
+    probs = np.asarray(probs, np.float32).reshape(n, L)
+    labels = np.asarray(labels, dtype=np.int8).reshape(n, L)
+    unlabelled = (labels < 0).any(axis=1)
     label_names = json.loads(schema.metadata[b"olr.label_names"]) if schema.metadata else None
     cols = {
         "uid": pa.array(np.asarray(uids, dtype=np.int64)),
         "image_id": pa.array([str(s) for s in image_ids], pa.string()),
         "split": pa.array([str(s) for s in splits], pa.string()),
         "labels": pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * L, L, dtype=np.int32)),
-                                           pa.array(np.asarray(labels, dtype=np.int8).reshape(-1))),
+                                           pa.array(np.where(labels < 0, 0, labels).reshape(-1)),
+                                           mask=pa.array(unlabelled) if unlabelled.any() else None),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(E.reshape(-1)), L * k),
         "norms": pa.FixedSizeListArray.from_arrays(pa.array(norms.reshape(-1)), L),
-        "probs": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(probs, np.float32).reshape(-1)), L),
+        "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), L),
     }
     for j, name in enumerate(label_names or []):
         cols[f"norm_{name}"] = pa.array(norms[:, j])
-    return pa.Table.from_pydict(cols, schema=schema)
+        cols[f"label_{name}"] = pa.array(labels[:, j], pa.int8(), mask=unlabelled)
+        cols[f"prob_{name}"] = pa.array(probs[:, j])
+    return pa.Table.from_pydict({f.name: cols[f.name] for f in schema if f.name in cols}, schema=schema)
 
 
 def write_part(table: pa.Table, staging_uri: str, schema_metadata: dict[str, str]) -> pa.Table:
@@ -90,10 +109,11 @@ def write_part(table: pa.Table, staging_uri: str, schema_metadata: dict[str, str
     if table.num_rows == 0:
         return pa.table({"file": pa.array([], pa.string()), "rows": pa.array([], pa.int64()),
                          "retries": pa.array([], pa.int64())})
-    table = table.replace_schema_metadata(schema_metadata)
+    # Sorted by split, so a split filter skips the other splits' row groups by their statistics.
+    table = table.replace_schema_metadata(schema_metadata).sort_by([("split", "ascending"), ("uid", "ascending")])
     name = f"part-{int(pa.compute.min(table['uid']).as_py()):010d}.parquet"
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     before = storage.retry_count()
     storage.write_bytes(storage.join(staging_uri, name), sink.getvalue().to_pybytes())
     return pa.table({"file": [name], "rows": [table.num_rows], "retries": [storage.retry_count() - before]})
@@ -135,6 +155,8 @@ class NotCommittedError(RuntimeError):
 
 @dataclass
 class Embeddings:
+    """Committed embeddings as NumPy arrays, rows sorted by ``uid``."""
+
     ids: np.ndarray
     """image_id per row (str)."""
     uids: np.ndarray
@@ -142,7 +164,7 @@ class Embeddings:
     E: np.ndarray | None
     """(N, L, k) float32, or None when the ``embedding`` column was not read."""
     labels: np.ndarray | None
-    """(N, L) int8 0/1."""
+    """(N, L) int8 0/1 (-1 where the image had no labels)."""
     label_names: list[str]
     k: int
     norms: np.ndarray | None = None
@@ -158,52 +180,179 @@ class Embeddings:
                           self.label_names, self.k, pick(self.norms), pick(self.probs), self.metadata)
 
 
-def _fixed(col: pa.ChunkedArray, width: int, dtype) -> np.ndarray:
+def _fixed(col: pa.ChunkedArray, width: int, dtype, missing: float = 0) -> np.ndarray:
+    """A list column as an (N, width) array; null rows become ``missing``."""
     arr = col.combine_chunks()
+    if arr.null_count:
+        arr = arr.fill_null(pa.scalar([missing] * width, arr.type))
     return arr.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(len(arr), width)
 
 
+class EmbeddingSet:
+    """A committed embedding dataset (local or ``s3://``), read through its manifest, never by a glob.
+
+    Filters are pushed down to Parquet (row-group statistics): files are sorted by split within
+    each part, so ``split="test"`` skips the other splits' row groups.
+
+    >>> es = EmbeddingSet("runs/<run-id>/embeddings")
+    >>> es.to_pandas(columns=["image_id", "prob_Smiling"], split="test", where={"Eyeglasses": 1})
+    >>> es.nearest("000123.jpg", "Smiling", n=5)
+
+    Raises:
+        NotCommittedError: when there is no committed dataset at ``uri``.
+    """
+
+    def __init__(self, uri: str):
+        if not storage.exists(storage.join(uri, SUCCESS)):
+            raise NotCommittedError(f"{uri}: no committed embeddings ({SUCCESS} missing); run the embed stage first")
+        self.uri = uri
+        self.manifest = storage.read_json(storage.join(uri, MANIFEST))
+        self.label_names: list[str] = list(self.manifest["label_names"])
+        self.k = int(self.manifest["k"])
+        self._fs, _ = storage.resolve(uri)
+        self.paths = [storage.resolve(storage.join(uri, f["path"]))[1] for f in self.manifest["files"]]
+
+    def __len__(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.manifest.get("schema_version", 1))
+
+    def dataset(self):
+        """The committed files as a ``pyarrow.dataset.Dataset`` (for scans of your own)."""
+        import pyarrow.dataset as pads
+
+        return pads.dataset(self.paths, filesystem=self._fs, format="parquet")
+
+    def label_index(self, label: str) -> int:
+        if label not in self.label_names:
+            raise KeyError(f"{label!r} is not a label of {self.uri}; expected one of: {', '.join(self.label_names)}")
+        return self.label_names.index(label)
+
+    def _filter(self, split: str | None, where: dict[str, int] | None):
+        import pyarrow.compute as pc
+
+        expr = None
+        conds = [pc.field("split") == split] if split is not None else []
+        for label, value in (where or {}).items():
+            self.label_index(label)
+            if self.schema_version < 2:
+                raise ValueError(f"{self.uri}: label filters need the label_<Name> columns of schema 2; "
+                                 f"this dataset has schema {self.schema_version} (re-run its embed stage)")
+            conds.append(pc.field(f"label_{label}") == int(value))
+        for c in conds:
+            expr = c if expr is None else expr & c
+        return expr
+
+    def table(self, columns: list[str] | None = None, split: str | None = None,
+              where: dict[str, int] | None = None) -> pa.Table:
+        """The rows of one split (or all) whose labels are as ``where`` says ({label: 0 or 1})."""
+        if not self.paths:
+            return embedding_schema(self.label_names, self.k).empty_table().select(columns or [])
+        return self.dataset().to_table(columns=columns, filter=self._filter(split, where))
+
+    def to_pandas(self, columns: list[str] | None = None, split: str | None = None,
+                  where: dict[str, int] | None = None):
+        return self.table(columns, split, where).to_pandas()
+
+    def to_polars(self, columns: list[str] | None = None, split: str | None = None,
+                  where: dict[str, int] | None = None):
+        import polars as pl
+
+        return pl.from_arrow(self.table(columns, split, where))
+
+    def to_numpy(self, columns: list[str] | None = None, split: str | None = None,
+                 where: dict[str, int] | None = None) -> Embeddings:
+        """The array columns as an :class:`Embeddings`, rows sorted by uid."""
+        want = columns or ["labels", "embedding", "norms", "probs"]
+        want = list(dict.fromkeys(["uid", "image_id", "split"] + want))
+        table = self.table(want, split, where).sort_by("uid")
+        L, k = len(self.label_names), self.k
+        return Embeddings(
+            ids=table["image_id"].to_numpy(zero_copy_only=False).astype(str),
+            uids=table["uid"].to_numpy(),
+            splits=table["split"].to_numpy(zero_copy_only=False).astype(str),
+            E=_fixed(table["embedding"], L * k, np.float32).reshape(-1, L, k) if "embedding" in want else None,
+            labels=_fixed(table["labels"], L, np.int8, missing=-1) if "labels" in want else None,
+            label_names=self.label_names, k=k,
+            norms=_fixed(table["norms"], L, np.float32) if "norms" in want else None,
+            probs=_fixed(table["probs"], L, np.float32) if "probs" in want else None,
+            metadata={"schema_version": self.schema_version, "run_id": self.manifest.get("run_id"),
+                      "model": self.manifest.get("model")},
+        )
+
+    def lookup(self, image_ids: list[str]) -> Embeddings:
+        """The rows of some image ids, in the order given."""
+        import pyarrow.compute as pc
+
+        table = self.dataset().to_table(filter=pc.field("image_id").isin(list(image_ids)),
+                                        columns=["uid", "image_id", "split", "labels", "embedding", "norms", "probs"])
+        found = {v: i for i, v in enumerate(table["image_id"].to_pylist())}
+        missing = [i for i in image_ids if i not in found]
+        if missing:
+            raise KeyError(f"image_id(s) {', '.join(map(repr, missing[:5]))} not in {self.uri}")
+        table = table.take([found[i] for i in image_ids])
+        L, k = len(self.label_names), self.k
+        return Embeddings(
+            ids=np.array(image_ids, dtype=str), uids=table["uid"].to_numpy(),
+            splits=table["split"].to_numpy(zero_copy_only=False).astype(str),
+            E=_fixed(table["embedding"], L * k, np.float32).reshape(-1, L, k),
+            labels=_fixed(table["labels"], L, np.int8, missing=-1), label_names=self.label_names, k=k,
+            norms=_fixed(table["norms"], L, np.float32), probs=_fixed(table["probs"], L, np.float32))
+
+    def to_torch(self, split: str | None = None, where: dict[str, int] | None = None):
+        """The embeddings as a float32 (N, L, k) tensor, rows sorted by uid (torch is imported here only)."""
+        import torch
+
+        return torch.from_numpy(self.to_numpy(["embedding"], split, where).E)
+
+    def block(self, label: str, split: str | None = None, where: dict[str, int] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(image_ids, (N, k) vectors) of one label's block, rows sorted by uid."""
+        j = self.label_index(label)
+        emb = self.to_numpy(["embedding"], split, where)
+        return emb.ids, np.ascontiguousarray(emb.E[:, j, :])
+
+    def nearest(self, image_id: str, label: str, n: int = 10, split: str | None = None) -> list[tuple[str, float]]:
+        """The ``n`` images whose ``label`` block is closest (cosine) to that of ``image_id``, best first.
+
+        Streams the files batch by batch, so memory stays at one batch plus ``n`` candidates.
+        """
+        import pyarrow.compute as pc
+
+        j, L, k = self.label_index(label), len(self.label_names), self.k
+        hit = self.dataset().to_table(columns=["embedding"], filter=pc.field("image_id") == image_id)
+        if hit.num_rows == 0:
+            raise KeyError(f"image_id {image_id!r} is not in {self.uri}")
+        q = _fixed(hit["embedding"], L * k, np.float32)[0].reshape(L, k)[j]
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        best_ids, best_sim = np.array([], dtype=object), np.array([], dtype=np.float32)
+        for batch in self.dataset().to_batches(columns=["image_id", "embedding"], filter=self._filter(split, None)):
+            ids = batch.column("image_id").to_numpy(zero_copy_only=False)
+            block = _fixed(pa.chunked_array([batch.column("embedding")]), L * k, np.float32).reshape(-1, L, k)[:, j]
+            sim = block @ q / np.maximum(np.linalg.norm(block, axis=1), 1e-12)
+            keep = ids != image_id
+            best_ids, best_sim = np.concatenate([best_ids, ids[keep]]), np.concatenate([best_sim, sim[keep]])
+            if len(best_sim) > n:
+                top = np.argpartition(-best_sim, n)[:n]
+                best_ids, best_sim = best_ids[top], best_sim[top]
+        order = np.argsort(-best_sim, kind="stable")
+        return [(str(best_ids[i]), float(best_sim[i])) for i in order]
+
+
 def load_embeddings(uri: str, columns: list[str] | None = None, split: str | None = None) -> Embeddings:
-    """Read a committed embedding dataset (local or ``s3://``) without Ray.
+    """Read a committed embedding dataset (local or ``s3://``) without Ray, as NumPy arrays.
 
     Only the files listed in ``manifest.json`` are read, and only once ``_SUCCESS`` exists,
     so a dataset being written or a failed write is never half-read.
 
     Args:
         uri: ``<run>/embeddings``.
-        columns: subset of columns to read (default: all array columns).
-        split: keep only this split (train|valid|test).
+        columns: subset of the array columns to read (default: labels, embedding, norms, probs).
+        split: keep only this split (train|valid|test); pushed down to the Parquet reader.
 
     Raises:
         NotCommittedError: when there is no committed dataset at ``uri``.
     """
-    if not storage.exists(storage.join(uri, SUCCESS)):
-        raise NotCommittedError(f"{uri}: no committed embeddings ({SUCCESS} missing); run the embed stage first")
-    manifest = storage.read_json(storage.join(uri, MANIFEST))
-    fs, _ = storage.resolve(uri)
-    want = columns or ["uid", "image_id", "split", "labels", "embedding", "norms", "probs"]
-    want = list(dict.fromkeys(["uid", "image_id", "split"] + want))
-    tables = [pq.read_table(storage.resolve(storage.join(uri, f["path"]))[1], filesystem=fs, columns=want)
-              for f in manifest["files"]]
-    table = pa.concat_tables(tables) if tables else None
-    names = manifest["label_names"]
-    L, k = len(names), int(manifest["k"])
-    if table is None or table.num_rows == 0:
-        empty = np.zeros(0)
-        return Embeddings(empty.astype(str), empty.astype(np.int64), empty.astype(str), None, None, names, k)
-    table = table.sort_by("uid")
-    if split is not None:
-        table = table.filter(pa.compute.equal(table["split"], split))
-    meta = {k_.decode(): v.decode() for k_, v in (pq.read_schema(storage.resolve(storage.join(uri, manifest["files"][0]["path"]))[1], filesystem=fs).metadata or {}).items()}
-    return Embeddings(
-        ids=table["image_id"].to_numpy(zero_copy_only=False).astype(str),
-        uids=table["uid"].to_numpy(),
-        splits=table["split"].to_numpy(zero_copy_only=False).astype(str),
-        E=_fixed(table["embedding"], L * k, np.float32).reshape(-1, L, k) if "embedding" in want else None,
-        labels=_fixed(table["labels"], L, np.int8) if "labels" in want else None,
-        label_names=names,
-        k=k,
-        norms=_fixed(table["norms"], L, np.float32) if "norms" in want else None,
-        probs=_fixed(table["probs"], L, np.float32) if "probs" in want else None,
-        metadata={**meta, "olr.label_names": json.loads(meta.get("olr.label_names", "[]"))},
-    )
+    return EmbeddingSet(uri).to_numpy(columns, split)

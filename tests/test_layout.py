@@ -13,10 +13,10 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "olr_ray"
 # Lowest first; a module may import its own layer and the layers below it.
 LAYERS = [
     ("olr_ray", "olr_ray.config", "olr_ray.storage", "olr_ray.runtime"),
-    ("olr_ray.run", "olr_ray.embeddings", "olr_ray.models"),
+    ("olr_ray.run", "olr_ray.embeddings", "olr_ray.models", "olr_ray.trained"),
     ("olr_ray.data", "olr_ray.train", "olr_ray.analysis"),
-    ("olr_ray.stages",),
-    ("olr_ray.pipeline",),
+    ("olr_ray.stages", "olr_ray.edit"),
+    ("olr_ray.pipeline", "olr_ray.embed_job"),
     ("olr_ray.cli",),
 ]
 

@@ -269,3 +269,66 @@ def test_storage_retries_of_a_training_stage_add_up_over_restarted_attempts():
     history = [{"storage_retries": c} for c in (2, 5, 1, 3)]
     assert FitResult({}, "", history).storage_retries == 8
     assert FitResult({}, "", [{"epoch": 1}]).storage_retries == 0
+
+
+def test_embed_new_images_with_the_trained_run(smoke, tmp_path):
+    """jobs/embed.py's work: held-out folders (CelebA format at another size, and plain images with no
+    attribute file) embedded with the trained models, one row per readable image, nothing retrained."""
+    import shutil
+
+    from olr_ray.data import synthetic
+    from olr_ray.embed_job import embed_images
+    from olr_ray.embeddings import EmbeddingSet
+
+    before = open(os.path.join(smoke.uri, "manifest.json")).read()
+    celeba = tmp_path / "celeba"
+    synthetic.write_celeba_folder(str(celeba), 30, size=48, seed=7)  # 48 px: resized to the model's 32
+    (celeba / "img_align_celeba" / "000005.jpg").write_bytes(b"not a jpeg")
+    out = str(tmp_path / "new" / "embeddings")
+    manifest = embed_images(smoke.uri, str(celeba), out, progress=lambda m: None)
+    assert manifest["rows"] == 29 and manifest["errors"] == 1 and manifest["trained_run"] == smoke.uri
+    errors = pq.read_table(os.path.join(out, "_errors", "read_errors.parquet")).to_pylist()
+    assert [e["image_id"] for e in errors] == ["000005.jpg"] and errors[0]["reason"].startswith("undecodable image")
+    es = EmbeddingSet(out)
+    names = smoke.data["label_names"]
+    assert es.label_names == names and es.k == 8 and not os.path.exists(os.path.join(out, "_prepared"))
+    t = es.table(["image_id", "label_Smiling", "split"]).sort_by("image_id")
+    attrs = open(celeba / "list_attr_celeba.txt").read().splitlines()
+    j = attrs[1].split().index("Smiling")
+    truth = {ln.split()[0]: int(ln.split()[1 + j] == "1") for ln in attrs[2:]}
+    assert t["label_Smiling"].to_pylist() == [truth[i] for i in t["image_id"].to_pylist()]
+    assert set(t["split"].to_pylist()) <= {"train", "valid", "test"}  # its own partition file
+    # The same image embeds the same way from a plain folder (labels null, ids relative to the folder).
+    plain = tmp_path / "plain" / "nested"
+    plain.mkdir(parents=True)
+    for name in ("000001.jpg", "000002.jpg"):
+        shutil.copy(celeba / "img_align_celeba" / name, plain / name)
+    out2 = str(tmp_path / "plain-emb")
+    assert embed_images(smoke.uri, str(tmp_path / "plain"), out2, progress=lambda m: None)["rows"] == 2
+    p = EmbeddingSet(out2)
+    assert p.table(["labels"])["labels"].null_count == 2
+    assert sorted(p.table(["image_id"])["image_id"].to_pylist()) == ["nested/000001.jpg", "nested/000002.jpg"]
+    np.testing.assert_allclose(p.lookup(["nested/000001.jpg"]).E, es.lookup(["000001.jpg"]).E, atol=1e-5)
+    assert open(os.path.join(smoke.uri, "manifest.json")).read() == before  # nothing retrained or rewritten
+
+
+def test_edit_command_draws_the_grid(smoke, tmp_path):
+    import subprocess
+    import sys
+
+    from olr_ray.edit import edit
+
+    image = load_embeddings(os.path.join(smoke.uri, "embeddings"), split="test").ids[0]
+    res = edit(smoke.uri, [image], add=["Eyeglasses"], remove=["Smiling"], scale=1.5)
+    assert set(res.edits) == {"+Eyeglasses", "-Smiling", "all"}
+    assert res.originals.shape == res.reconstructions.shape == res.edits["all"].shape
+    assert not np.allclose(res.edits["+Eyeglasses"], res.reconstructions)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "grid.png"
+    cmd = [sys.executable, os.path.join(root, "jobs", "edit.py"), "--run", smoke.uri, "--image", image,
+           "--add", "Eyeglasses", "--remove", "Smiling", "--scale", "1.5", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run(cmd[:-6] + ["--add", "Mouth_Open"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --add Mouth_Open: not a label of this run")

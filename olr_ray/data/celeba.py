@@ -142,8 +142,11 @@ def require_attr_file(uri: str) -> str:
 
 
 def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: float = 0.05,
-               max_images: int = 0) -> tuple[pa.Table, list[str]]:
+               max_images: int = 0, unsplit: str | None = None) -> tuple[pa.Table, list[str]]:
     """Read the text files of a CelebA-format folder into a table of (image_id, path, labels, split).
+
+    Without ``list_eval_partition.txt`` the split is drawn (seeded, ``test_fraction`` to test), or is
+    ``unsplit`` for every image when that is given (new data embedded with a trained run).
 
     Returns:
         The index table and the kept label names.
@@ -170,6 +173,8 @@ def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: f
             raise DatasetFormatError(
                 f"{part_uri}: {len(missing)} image(s) of {ATTR_FILE} have no split, e.g. {missing[0]!r}")
         splits = [partition[i] for i in table.image_ids]
+    elif unsplit is not None:
+        splits = [unsplit] * len(table.image_ids)
     else:
         splits = seeded_split(table.image_ids, seed, test_fraction)
     index = pa.table({
@@ -180,6 +185,28 @@ def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: f
         "split": pa.array(splits, pa.string()),
     })
     return index, names
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def plain_index(uri: str, num_labels: int, split: str = "all") -> pa.Table:
+    """A folder (or ``s3://`` prefix) of images with no attribute file: every image file under it, sorted,
+    as the same index table as :func:`load_index`, its labels unknown (-1)."""
+    files = [f for f in storage.list_files(uri) if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not files:
+        raise DatasetFormatError(f"{uri}: no images ({', '.join(IMAGE_SUFFIXES)}) and no {ATTR_FILE}; expected a "
+                                 f"folder of images or a CelebA-format folder")
+    _, base = storage.resolve(uri)
+    ids = [storage.resolve(f)[1][len(base.rstrip("/")) + 1:] for f in files]
+    return pa.table({
+        "uid": pa.array(np.arange(len(files), dtype=np.int64)),
+        "image_id": pa.array(ids, pa.string()),
+        "path": pa.array(files, pa.string()),
+        "labels": pa.FixedSizeListArray.from_arrays(pa.array(np.full(len(files) * num_labels, -1, np.int8)),
+                                                    num_labels),
+        "split": pa.array([split] * len(files), pa.string()),
+    })
 
 
 def native_size(uri: str, probe: int = 8) -> int | None:
@@ -274,11 +301,39 @@ def read_celeba(uri: str, image_size: int = 64, drop_labels: list[str] | None = 
     Returns:
         (dataset, label_names, number of rows)
     """
-    import ray
-
     drop = ["Wearing_Necklace", "Wearing_Necktie"] if drop_labels is None else drop_labels
     index, names = load_index(uri, drop, seed, test_fraction, max_images)
+    return decode_index(index, image_size, batch_size), names, index.num_rows
+
+
+def decode_index(index: pa.Table, image_size: int, batch_size: int = 64):
+    """The images an index table names, read and decoded in parallel (the columns of :func:`read_celeba`)."""
+    import ray
+
     n_blocks = max(1, min(200, index.num_rows // 256))
     ds = ray.data.from_arrow(index).repartition(n_blocks)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"size": image_size}, batch_size=batch_size, batch_format="numpy")
-    return ds, names, index.num_rows
+    return ds.map_batches(decode_batch, fn_kwargs={"size": image_size}, batch_size=batch_size, batch_format="numpy")
+
+
+def index_for_labels(uri: str, label_names: list[str], split: str = "all") -> tuple[pa.Table, str]:
+    """New images to embed with a model trained on ``label_names``: a CelebA-format folder (its labels
+    when it has every one of them, else unknown) or a plain folder of images (labels unknown).
+
+    Returns the index table and a line saying where the labels come from.
+    """
+    if not storage.exists(storage.join(uri, ATTR_FILE)):
+        index = plain_index(uri, len(label_names), split)
+        return index, f"{index.num_rows} images under {uri}, no {ATTR_FILE}: labels left null"
+    index, names = load_index(uri, [], unsplit=split)
+    L = len(names)
+    values = index["labels"].combine_chunks().flatten().to_numpy().reshape(-1, L)
+    lacking = [n for n in label_names if n not in names]
+    if lacking:
+        picked = np.full((index.num_rows, len(label_names)), -1, np.int8)
+        note = f"labels left null: {ATTR_FILE} lacks {', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}"
+    else:
+        picked = values[:, [names.index(n) for n in label_names]].astype(np.int8)
+        note = f"labels from {ATTR_FILE}"
+    labels = pa.FixedSizeListArray.from_arrays(pa.array(picked.reshape(-1), pa.int8()), len(label_names))
+    return index.set_column(index.schema.get_field_index("labels"), "labels", labels), \
+        f"{index.num_rows} images in {uri}, {note}"

@@ -46,37 +46,45 @@ def _count_parts(data_uri: str) -> dict[str, int]:
     return counts
 
 
-def _write_errors(run: Run, data_uri: str, errors: int) -> None:
-    """``errors/read_errors.parquet``: image_id and reason of every image that could not be read."""
+def _write_errors(errors_uri: str, data_uri: str, errors: int) -> None:
+    """``errors_uri``: image_id and reason of every image that could not be read."""
     fs, _ = storage.resolve(data_uri)
     table = pa.table({"image_id": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
     if errors:
         t = pq.read_table(storage.resolve(storage.join(data_uri, "part=errors"))[1], filesystem=fs,
                           columns=["image_id", "error"])
         table = pa.table({"image_id": t["image_id"], "reason": t["error"]}).sort_by("image_id")
-    storage.makedirs(run.path("errors"))
-    efs, epath = storage.resolve(run.path("errors", "read_errors.parquet"))
+    storage.makedirs(errors_uri.rsplit("/", 1)[0])
+    efs, epath = storage.resolve(errors_uri)
     pq.write_table(table, epath, filesystem=efs)
 
 
-def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
-    cfg = run.cfg
-    src = open_source(cfg.data, cfg.seed)
-    data_uri = run.path("data")
+def prepare(dataset, num_rows: int, data_uri: str, errors_uri: str, plan: ResourcePlan) -> dict[str, int]:
+    """Write a source's rows to ``data_uri/part=<split>/`` and its unreadable images to ``errors_uri``.
+
+    Returns the rows per split and ``errors``; raises if any row of the source went missing.
+    """
     storage.delete_dir(data_uri)  # a half-written earlier attempt
     fs, path = storage.resolve(data_uri)
-    src.dataset.map_batches(_tag, batch_format="numpy", num_cpus=plan.task_cpus).write_parquet(
+    dataset.map_batches(_tag, batch_format="numpy", num_cpus=plan.task_cpus).write_parquet(
         path, filesystem=fs, partition_cols=["part"], ray_remote_args={"num_cpus": plan.task_cpus},
         min_rows_per_file=2000)
     counts = _count_parts(data_uri)
-    errors = counts.pop("errors", 0)
-    _write_errors(run, data_uri, errors)
+    counts.setdefault("errors", 0)
+    _write_errors(errors_uri, data_uri, counts["errors"])
+    total = sum(counts.values())
+    if total != num_rows:
+        raise RuntimeError(f"lost rows: {num_rows} in the source, {total} written + errors under {data_uri}")
+    if counts["errors"]:
+        log.warning("%d of %d images could not be read; reasons in %s", counts["errors"], total, errors_uri)
+    return counts
+
+
+def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
+    src = open_source(run.cfg.data, run.cfg.seed)
+    counts = prepare(src.dataset, src.num_rows, run.path("data"), run.path("errors", "read_errors.parquet"), plan)
+    errors = counts.pop("errors")
     total = sum(counts.values()) + errors
-    if total != src.num_rows:
-        raise RuntimeError(f"data stage lost rows: {src.num_rows} in the source, {total} written + errors")
-    if errors:
-        log.warning("%d of %d images could not be read; reasons in %s", errors, total,
-                    run.path("errors", "read_errors.parquet"))
     return {"rows": total, "rows_ok": total - errors, "errors": errors, "splits": counts,
-            "label_names": src.label_names, "image_size": src.image_size, "source": cfg.data.source,
+            "label_names": src.label_names, "image_size": src.image_size, "source": run.cfg.data.source,
             "kind": src.kind}

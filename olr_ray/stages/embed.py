@@ -13,7 +13,7 @@ import pyarrow as pa
 import olr_ray
 from olr_ray import storage
 from olr_ray.analysis.metrics import norm_ratio, norm_ratios
-from olr_ray.embeddings import STAGING, commit, embedding_schema, file_metadata, load_embeddings, to_table, write_part
+from olr_ray.embeddings import SCHEMA_VERSION, STAGING, commit, embedding_schema, file_metadata, load_embeddings, to_table, write_part
 from olr_ray.models.inference import ModelActor
 from olr_ray.run import Run
 from olr_ray.runtime import ResourcePlan
@@ -49,13 +49,15 @@ class Embedder(ModelActor):
 
 def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_uri: str, label_names: list[str],
                   k: int, run_id: str, plan: ResourcePlan, batch_size: int = 256, rows_per_file: int = 50_000,
-                  config: dict[str, Any] | None = None, actors: int = 0) -> dict[str, Any]:
+                  config: dict[str, Any] | None = None, actors: int = 0,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Embed every row of ``images_ds`` and commit the result under ``embeddings_uri``.
 
     Args:
         images_ds: Ray Dataset with ``uid``, ``image_id``, ``split``, ``labels``, ``image``.
         plan: the actor pool is sized from it so read tasks always keep a CPU.
         actors: the most inference actors (0: ``plan.actors``).
+        extra: more fields for the manifest.
 
     Returns:
         The committed manifest.
@@ -84,10 +86,10 @@ def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_u
     if len(names) != len(set(names)):
         raise RuntimeError(f"embedding write produced duplicate file names under {staging}")
     manifest = {
-        "run_id": run_id, "model": siamese_uri, "classifier": classifier_uri, "label_names": label_names, "k": k,
+        "schema_version": SCHEMA_VERSION, "run_id": run_id, "model": siamese_uri, "classifier": classifier_uri, "label_names": label_names, "k": k,
         "schema": embedding_schema(label_names, k, metadata).to_string(show_schema_metadata=False),
         "olr_ray_version": olr_ray.__version__, "config": config or {},
-        "storage_retries": int(sum(int(r["retries"]) for r in rows)),
+        "storage_retries": int(sum(int(r["retries"]) for r in rows)), **(extra or {}),
     }
     return commit(embeddings_uri, staging, parts, manifest)
 

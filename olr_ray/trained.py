@@ -1,0 +1,85 @@
+"""A finished run, opened to be used again: its trained models, label set, image size, embeddings
+and prepared images, read from the run folder without Ray (local or ``s3://``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import yaml
+
+from olr_ray import storage
+from olr_ray.run import UsageError
+
+
+@dataclass
+class TrainedRun:
+    uri: str
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, uri: str, needs: tuple[str, ...] = ("data", "classifier", "siamese")) -> "TrainedRun":
+        """The run at ``uri`` (``<output>/<run-id>``); the stages in ``needs`` must be done there."""
+        path = storage.join(uri, "manifest.json")
+        if not storage.exists(path):
+            raise UsageError(f"{path}: not found; expected a run folder <output>/<run-id> written by "
+                             f"jobs/full_pipeline.py")
+        run = cls(uri, storage.read_json(path))
+        missing = [s for s in needs if run.manifest["stages"].get(s, {}).get("status") != "done"]
+        if missing:
+            raise UsageError(f"run {uri} has not finished {', '.join(missing)}; finish it first "
+                             f"(jobs/full_pipeline.py --run-id {run.manifest.get('run_id', '<run-id>')})")
+        return run
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.manifest["stages"].get(name, {})
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.uri, *parts)
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.stage("data")["label_names"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run's resolved config (``config.yaml``) as a dict."""
+        return yaml.safe_load(storage.read_bytes(self.path("config.yaml")).decode()) or {}
+
+    @property
+    def k(self) -> int:
+        return int(self.config["siamese"]["k"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.stage("data")["image_size"])
+
+    def checkpoint(self, stage: str) -> str:
+        uri = self.stage(stage).get("checkpoint")
+        if not uri:
+            raise UsageError(f"run {self.uri} has no {stage} checkpoint; run its {stage} stage first")
+        return uri
+
+    def images(self, image_ids: list[str]) -> dict[str, np.ndarray]:
+        """The prepared images (uint8 HxWx3) of some image ids, read from ``data/`` without Ray."""
+        import pyarrow.dataset as pads
+
+        fs, _ = storage.resolve(self.uri)
+        files = [storage.resolve(f)[1] for f in storage.list_files(self.path("data"), ".parquet")
+                 if "part=errors" not in f]
+        table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
+            columns=["image_id", "image"], filter=pads.field("image_id").isin(image_ids))
+        col = table["image"].combine_chunks()
+        if isinstance(col, pa.ExtensionArray):  # Ray's tensor type, registered when ray is imported
+            shape, col = list(col.type.shape), col.storage
+        else:
+            shape = json.loads(table.schema.field("image").metadata[b"ARROW:extension:metadata"])
+        flat = col.flatten().to_numpy().astype(np.uint8)
+        found = dict(zip(table["image_id"].to_pylist(), flat.reshape(-1, *shape)))
+        missing = [i for i in image_ids if i not in found]
+        if missing:
+            raise KeyError(f"image_id(s) {', '.join(missing[:5])} not among the prepared images of {self.uri}")
+        return found
