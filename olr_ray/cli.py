@@ -19,7 +19,7 @@ import os
 import sys
 
 import olr_ray
-from olr_ray.config import PRESETS, ConfigError, PipelineConfig, build_config
+from olr_ray.config import PRESETS, ConfigError, PipelineConfig, build_config, to_yaml
 from olr_ray.data.celeba import DatasetFormatError
 from olr_ray.edit import edit, edit_grid
 from olr_ray.embed_job import embed_images
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--num-workers", type=int, help="Ray Train workers per training stage (0: in-process)")
     p.add_argument("--use-gpu", choices=["auto", "true", "false"], help="train and embed on GPUs (default auto)")
     p.add_argument("--stages", help=f"comma-separated subset, run in pipeline order: {','.join(STAGES)}")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check data, storage, stage order and resources, say what would run, then stop")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field")
     return p.parse_intermixed_args(argv)  # key=value overrides may sit between options
 
@@ -83,8 +86,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if problems or cfg is None:
         print("error: invalid configuration:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
     try:
-        run = run_pipeline(cfg, args.output, args.run_id, stages)
+        run = run_pipeline(cfg, args.output, args.run_id, stages, dry_run=args.dry_run)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -228,8 +228,10 @@ class DecoderConfig:
 class AnalysisConfig:
     """The paper's experiments on the committed embeddings."""
 
-    pca_label: str = "Mouth_Slightly_Open"
-    """Label whose vectors are analysed with PCA (paper: Mouth_Slightly_Open)."""
+    pca_label: str = "auto"
+    """Label whose vectors are analysed with PCA. ``auto``: the paper's (Mouth_Slightly_Open) where the
+    data has it, else the label present in the share of training images closest to one half (the
+    most balanced ranking); the analysis names the label and the rule in its log and report."""
     probe_epochs: int = 200
     """Full-batch epochs of the linear probe."""
     edit_images: int = 256

@@ -60,11 +60,17 @@ def _run_stage(run: Run, stage, plan: ResourcePlan, progress: Callable[[str], No
 
 
 def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None = None,
-                 stages: list[str] | None = None, progress: Callable[[str], None] = print) -> Run:
-    """Run (or resume) the pipeline; returns the run with its manifest and metrics."""
+                 stages: list[str] | None = None, progress: Callable[[str], None] = print,
+                 dry_run: bool = False) -> Run:
+    """Run (or resume) the pipeline; returns the run with its manifest and metrics.
+
+    ``dry_run``: check the request (storage, data, stage order, a resume's config), start or join Ray and
+    size the work, say what would run, and stop there, writing nothing.
+    """
     # Storage first: bad credentials, a denied or missing bucket fail here, in seconds, before
     # a Ray cluster is started or joined.
-    run = Run.open(cfg, output, run_id or default_run_id(cfg), STAGES)
+    run = Run.open(cfg, output, run_id or default_run_id(cfg), STAGES, dry=dry_run)
+    progress(f"run {run.run_id}: {run.uri}")
     wanted = stages or list(STAGES)
     check_stage_order(run, wanted)
     for stage in REGISTRY:
@@ -75,6 +81,11 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
     run.manifest["resources"] = plan.__dict__
     if run.done("data"):
         check_options_against_data(run, wanted)
+    if dry_run:
+        todo = [s for s in wanted if not run.done(s)]
+        progress(f"dry run: would run {', '.join(todo) or 'nothing'} "
+                 f"(done already: {', '.join(s for s in wanted if run.done(s)) or 'none'}); resources: {plan}")
+        return run
     for stage in REGISTRY:
         if stage.NAME not in wanted:
             continue

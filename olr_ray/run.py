@@ -30,6 +30,28 @@ class UsageError(ValueError):
     """What was asked cannot be done as asked (options, run id, stage order); the message says what to change."""
 
 
+# Options that change how a run is carried out, not what it computes: a resume may change them.
+RESULT_NEUTRAL = ("num_workers", "use_gpu", "max_failures", "embed.batch_size", "embed.num_actors")
+# Options of the analysis alone: a resume that changes them runs the analysis again.
+ANALYSIS_ONLY = "analysis."
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: PipelineConfig, new: PipelineConfig) -> dict[str, tuple[Any, Any]]:
+    """Every option whose value differs: dotted key -> (saved, new)."""
+    a, b = _flat(saved.to_dict()), _flat(new.to_dict())
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -62,8 +84,9 @@ class Run:
         return storage.join(self.uri, *parts)
 
     @classmethod
-    def open(cls, cfg: PipelineConfig, output: str, run_id: str, stages: tuple[str, ...]) -> "Run":
-        """Create the run folder, or reopen it for resume (its saved config must match)."""
+    def open(cls, cfg: PipelineConfig, output: str, run_id: str, stages: tuple[str, ...], dry: bool = False) -> "Run":
+        """Create the run folder, or reopen it for resume (its saved config must match but for the
+        options a resume may change). ``dry``: check the same, write nothing."""
         uri = storage.join(output, run_id)
         run = cls(cfg, uri, run_id)
         if storage.exists(run.path("manifest.json")):
@@ -71,10 +94,10 @@ class Run:
             if storage.exists(run.path("metrics.json")):
                 run.metrics = storage.read_json(run.path("metrics.json"))
             saved = from_dict(yaml.safe_load(storage.read_bytes(run.path("config.yaml")).decode()) or {})
-            if to_yaml(saved) != to_yaml(cfg):
-                raise UsageError(f"run {run_id} at {uri} was started with a different config; "
-                                 f"use a new --run-id or the same options (see {run.path('config.yaml')})")
+            run._accept_changes(config_changes(saved, cfg), write=not dry)
             log.info("resuming run %s at %s", run_id, uri)
+        elif dry:
+            run.manifest = {"run_id": run_id, "stages": {s: {"status": "pending"} for s in stages}}
         else:
             import ray  # heavy: only once the request has been checked
             import torch
@@ -91,6 +114,28 @@ class Run:
             }
             run.save()
         return run
+
+    def _accept_changes(self, changes: dict[str, tuple[Any, Any]], write: bool = True) -> None:
+        """A resume may change how the run is carried out, and the analysis' options (the analysis then
+        runs again); any other change would mix results of two configs in one run."""
+        if not changes:
+            return
+        blocking = [k for k in changes if k not in RESULT_NEUTRAL and not k.startswith(ANALYSIS_ONLY)]
+        if blocking:
+            shown = ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in blocking[:6])
+            raise UsageError(f"run {self.run_id} at {self.uri} was started with a different config: {shown}; use a "
+                             f"new --run-id or the same options (see {self.path('config.yaml')})")
+        if any(k.startswith(ANALYSIS_ONLY) for k in changes) and self.done("analysis"):
+            for k in self.stage("analysis").get("metric_keys", []):
+                self.metrics.pop(k, None)
+            self.stage("analysis")["status"] = "pending"
+            log.info("analysis options changed: the analysis runs again")
+        if not write:
+            return
+        self.manifest.setdefault("resumed_with", []).append(
+            {"at": utc_now(), "changed": {k: list(v) for k, v in changes.items()}})
+        storage.write_bytes(self.path("config.yaml"), to_yaml(self.cfg).encode())
+        self.save()
 
     def save(self) -> None:
         # S3 retries (throttling, 5xx) counted by this process and reported by each stage's workers.

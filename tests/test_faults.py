@@ -153,6 +153,8 @@ def test_job_on_a_corrupt_custom_folder_through_s3_slowdown(tmp_path, s3_endpoin
     # The local Ray serves the state API (its dashboard, on 127.0.0.1), so Ray Train's placement-group
     # cleaner gets its answers instead of warning once a second.
     assert "Failed to query Ray Train Controller" not in out
+    # stdout is not a terminal: no progress bars, one line per step (the README's promise for job logs).
+    assert "row/s]" not in out and out.count("\n") < 600, out.count("\n")
 
     manifest = storage.read_json(f"{run}/manifest.json")
     assert [n for n, st in manifest["stages"].items() if st["status"] == "done"] == ["data", "classifier", "siamese",

@@ -216,12 +216,13 @@ def test_write_killed_before_commit_leaves_nothing_visible(smoke, tmp_path, monk
 def test_rerun_with_same_run_id_skips_done_stages(smoke):
     messages = []
     again = run_pipeline(smoke.cfg, os.path.dirname(smoke.uri), "smoke", progress=messages.append)
-    assert all("already done" in m for m in messages) and len(messages) == len(STAGES)
+    assert messages[0] == f"run smoke: {smoke.uri}"  # where the run is, first
+    assert all("already done" in m for m in messages[1:]) and len(messages) == len(STAGES) + 1
     assert again.metrics == Run.open(smoke.cfg, os.path.dirname(smoke.uri), "smoke", STAGES).metrics
 
 
 def test_rerun_with_other_config_is_refused(smoke):
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match=r"different config: seed \(0 -> 1\)"):
         run_pipeline(build_config("smoke", overrides=["seed=1"]), os.path.dirname(smoke.uri), "smoke")
 
 
@@ -234,6 +235,16 @@ def test_an_option_naming_a_label_the_data_lacks_fails_before_training(smoke):
         check_options_against_data(run, list(STAGES))
     check_options_against_data(run, ["data", "classifier"])  # no analysis asked for: no PCA label needed
     check_options_against_data(SimpleNamespace(cfg=build_config("smoke"), data=smoke.data), list(STAGES))
+    # auto (the default) fits any label set: the paper's label where present, else the most balanced one.
+    from olr_ray.stages.analysis import pca_label
+
+    other = SimpleNamespace(cfg=build_config("smoke"), data={"label_names": ["attr_a", "attr_b", "attr_c"]})
+    check_options_against_data(other, list(STAGES))
+    train = np.array([[1, 0, 1], [1, 0, 0], [1, 1, 0], [1, 0, 0]])
+    assert pca_label("auto", ["attr_a", "attr_b", "attr_c"], train)[0] == "attr_b"  # 0.25 and 0.25: the first
+    assert pca_label("auto", ["x", "Mouth_Slightly_Open"], train[:, :2]) == ("Mouth_Slightly_Open",
+                                                                            "auto: the paper's label")
+    assert smoke.metrics["pca.label"] == "Mouth_Slightly_Open" and smoke.metrics["pca.label_rule"].startswith("auto")
 
 
 @pytest.mark.parametrize("spelling", ["relative", "absolute", "file://"])
@@ -332,3 +343,37 @@ def test_edit_command_draws_the_grid(smoke, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run(cmd[:-6] + ["--add", "Mouth_Open"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --add Mouth_Open: not a label of this run")
+
+
+def test_dry_run_checks_and_writes_nothing(smoke, tmp_path):
+    messages = []
+    run = run_pipeline(build_config("smoke"), str(tmp_path), "new", progress=messages.append, dry_run=True)
+    assert not os.path.exists(tmp_path / "new") and run.manifest["resources"]["num_workers"] == 2
+    assert messages[-1].startswith("dry run: would run data, classifier, siamese, embed, decoder, analysis")
+    before = open(os.path.join(smoke.uri, "config.yaml")).read()
+    cfg = build_config("smoke", overrides=["analysis.edit_images=8"])
+    messages.clear()
+    run_pipeline(cfg, os.path.dirname(smoke.uri), "smoke", progress=messages.append, dry_run=True)
+    assert open(os.path.join(smoke.uri, "config.yaml")).read() == before
+    assert messages[-1].startswith("dry run: would run analysis (done already: data, classifier, siamese")
+
+
+# Last in this module: it changes the shared smoke run's config.
+def test_resume_follows_what_changes_results(smoke):
+    """Workers and inference batch sizes never block a resume; the analysis' options re-run the analysis alone."""
+    out = os.path.dirname(smoke.uri)
+    messages = []
+    run_pipeline(build_config("smoke", overrides=["num_workers=1", "embed.batch_size=32"]), out, "smoke",
+                 progress=messages.append)
+    assert sum("already done" in m for m in messages) == len(STAGES)
+    messages.clear()
+    cfg = build_config("smoke", overrides=["num_workers=1", "embed.batch_size=32", "analysis.edit_images=8"])
+    again = run_pipeline(cfg, out, "smoke", progress=messages.append)
+    assert [m for m in messages if "already done" in m] == [f"[{s}] already done in this run; skipping"
+                                                            for s in STAGES[:-1]]
+    assert "[analysis] done in" in messages[-1]
+    manifest = json.load(open(os.path.join(smoke.uri, "manifest.json")))
+    assert [list(r["changed"]) for r in manifest["resumed_with"]] == [
+        ["embed.batch_size", "num_workers"], ["analysis.edit_images"]]
+    assert "edit_images: 8" in open(os.path.join(smoke.uri, "config.yaml")).read()
+    assert again.metrics["probe.test_mean_accuracy"] == pytest.approx(smoke.metrics["probe.test_mean_accuracy"])

@@ -6,6 +6,7 @@ figures, and the trained models for decoding and editing) and written to ``metri
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -26,18 +27,22 @@ from olr_ray.run import Run, UsageError
 from olr_ray.runtime import ResourcePlan
 
 NAME = "analysis"
+log = logging.getLogger("olr_ray.analysis")
 # The analysis works without a decoder (no reconstruction or editing then).
 REQUIRES = ("data", "classifier", "siamese", "embed")
+
+
+PAPER_PCA_LABEL = "Mouth_Slightly_Open"
 
 
 def check(run: Run) -> None:
     """Options that name a label must name one of the data's, checked once the data stage is done."""
     names = run.data.get("label_names") or []
     label = run.cfg.analysis.pca_label
-    if label not in names:
+    if label != "auto" and label not in names:
         raise UsageError(f"analysis.pca_label={label!r} is not a label of {run.cfg.data.source!r}; expected one "
                          f"of: {', '.join(names)}. The data stage is done: start a new --run-id with "
-                         f"analysis.pca_label=<label>")
+                         f"analysis.pca_label=<label> (or auto)")
 
 
 @dataclass
@@ -95,9 +100,22 @@ def _correlation(c: _Context, emb: Embeddings) -> dict[str, Any]:
     return {"correlation.vs_label_corr_r": r}
 
 
+def pca_label(option: str, names: list[str], train_labels: np.ndarray) -> tuple[str, str]:
+    """The label to analyse with PCA, and the rule that chose it."""
+    if option != "auto":
+        return option, "analysis.pca_label"
+    if PAPER_PCA_LABEL in names:
+        return PAPER_PCA_LABEL, "auto: the paper's label"
+    share = (train_labels == 1).mean(axis=0)
+    j = int(np.argmin(np.abs(share - 0.5)))
+    return names[j], f"auto: the data has no {PAPER_PCA_LABEL}; the label on the share of training images " \
+                     f"closest to one half ({share[j]:.2f})"
+
+
 def _pca(c: _Context, emb: Embeddings, test_images: np.ndarray) -> dict[str, Any]:
     """PCA of one label's vectors; test images ranked on the first component."""
-    label = c.run.cfg.analysis.pca_label
+    label, rule = pca_label(c.run.cfg.analysis.pca_label, c.names, c.train.labels)
+    log.info("PCA of the %s block (%s)", label, rule)
     li = c.names.index(label)
     pca = M.label_pca(emb.E[:, li, :])
     c.figs[f"PCA of {label} embeddings: explained variance"] = P.plot_pca_variance(
@@ -105,7 +123,7 @@ def _pca(c: _Context, emb: Embeddings, test_images: np.ndarray) -> dict[str, Any
     proj = (c.test.E[:, li, :] - pca["mean"]) @ pca["components"][0]
     c.figs[f"Test images ranked by their {label} first-component projection"] = P.plot_ranked_strip(
         test_images, proj, c.fig("pca_ranked_strip.png"), f"Ranked by PC1 of {label}", n=10, value_name="PC1")
-    return {"pca.label": label, "pca.explained_variance_ratio": [float(v) for v in pca["explained_variance_ratio"]]}
+    return {"pca.label": label, "pca.label_rule": rule, "pca.explained_variance_ratio": [float(v) for v in pca["explained_variance_ratio"]]}
 
 
 def _reconstruction(c: _Context, decoder, clf, x: torch.Tensor) -> tuple[dict[str, Any], np.ndarray]:
