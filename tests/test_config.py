@@ -17,11 +17,34 @@ def test_demo_preset_is_the_documented_default():
     assert cfg.decoder.optimizer == "rmsprop" and cfg.decoder.alpha == 0.5
 
 
-def test_paper_preset_keeps_the_papers_decoder_and_occlusion():
+def test_paper_preset_is_the_papers_method():
+    """--preset paper turns every departure of this project off (paper sections in config.PAPER_METHOD)."""
     cfg = build_config("paper")
-    assert cfg.decoder.lr == 1e-4 and cfg.decoder.optimizer == "rmsprop" and cfg.decoder.alpha == 0.5
-    assert cfg.decoder.lr_schedule == "constant" and build_config("demo").decoder.lr_schedule == "cosine"
-    assert cfg.siamese.occlusion_prob == 1.0 and cfg.siamese.k == 32 and cfg.data.image_size == 178
+    c, s, d = cfg.classifier, cfg.siamese, cfg.decoder
+    assert c.occlusion_prob == 0.0 and c.lr_schedule == "constant"
+    assert s.k == 32 and s.target == "occlusion" and s.occlusion_prob == 1.0
+    assert (s.occlusion_min, s.occlusion_max) == (0.33, 0.66) and s.label_pair_share == 0.0
+    assert s.activation == "relu" and s.block_floor == 0.0 and s.grad_floor == 0.0
+    assert s.init_from_classifier is False and s.lr_schedule == "constant"
+    assert d.lr == 1e-4 and d.optimizer == "rmsprop" and d.lr_schedule == "constant" and d.alpha == 0.5
+    assert d.edit_weight == 0.0 and d.label_weight == 0.0
+    assert cfg.data.image_size == 178 and cfg.analysis.pca_label == "Mouth_Slightly_Open"
+
+
+def test_celeba_preset_is_this_projects_recipe_at_celeba_scale():
+    paper, celeba, demo = build_config("paper"), build_config("celeba"), build_config("demo")
+    for section in ("classifier", "siamese"):  # the demo's departures, kept
+        for f in ("occlusion_prob", "activation", "block_floor", "grad_floor", "label_pair_share",
+                  "init_from_classifier", "lr_schedule"):
+            if hasattr(getattr(demo, section), f) and not (section == "siamese" and f == "occlusion_prob"):
+                assert getattr(getattr(celeba, section), f) == getattr(getattr(demo, section), f), (section, f)
+    assert celeba.decoder.edit_weight == demo.decoder.edit_weight > 0 and celeba.siamese.occlusion_prob == 1.0
+    assert celeba.decoder.lr == 1e-4 and celeba.decoder.lr_schedule == "constant"
+    # the same scale as the paper preset: sizes, lengths, resources
+    for key in ("num_workers", "use_gpu"):
+        assert getattr(celeba, key) == getattr(paper, key)
+    assert celeba.data == paper.data and celeba.siamese.width == paper.siamese.width == 64
+    assert celeba.decoder.epochs == paper.decoder.epochs == 50
 
 
 def test_overrides_are_typed_and_nested():
