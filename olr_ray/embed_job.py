@@ -9,12 +9,13 @@ Layout under the output:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable
 
 from olr_ray import storage
 from olr_ray.data import celeba
-from olr_ray.embeddings import SUCCESS
+from olr_ray.embeddings import STAGING, SUCCESS
 from olr_ray.run import UsageError
 from olr_ray.runtime import init_ray, plan_resources
 from olr_ray.stages.data import prepare
@@ -26,6 +27,23 @@ PREPARED = "_prepared"
 ERRORS = "_errors"
 
 
+def _check_output(output: str, model: str) -> None:
+    """The output is a new folder or an earlier embedding commit, never a place holding other files or the
+    trained run itself: a commit removes the earlier commit's parts."""
+    _, out_path = storage.resolve(output)
+    _, run_path = storage.resolve(model)
+    if (out_path.rstrip("/") + "/").startswith(run_path.rstrip("/") + "/"):
+        raise UsageError(f"--output {output} is inside the trained run {model}; name a folder outside it")
+    def ours(rel: str) -> bool:
+        return rel in ("manifest.json", SUCCESS) or (rel.startswith("part-") and rel.endswith(".parquet")) \
+            or rel.split("/", 1)[0] in (PREPARED, ERRORS, STAGING)
+
+    others = [f for f in storage.list_files(output) if not ours(storage.resolve(f)[1][len(out_path.rstrip("/")) + 1:])]
+    if others:
+        raise UsageError(f"--output {output} holds files that are not an embedding commit (e.g. {others[0]}); "
+                         f"name an empty folder or an earlier jobs/embed.py output")
+
+
 def embed_images(model: str, data: str, output: str, num_workers: int = 2, use_gpu: str = "auto",
                  batch_size: int = 256, rows_per_file: int = 50_000, split: str = "all",
                  progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -35,10 +53,16 @@ def embed_images(model: str, data: str, output: str, num_workers: int = 2, use_g
     Images of another size are centre-cropped and resized to the model's. Returns the manifest.
     """
     trained = TrainedRun.open(model)
-    if storage.exists(storage.join(output, SUCCESS)):
-        log.info("%s already holds committed embeddings; they are replaced when this commit lands", output)
-    if storage.is_s3(output) != storage.is_s3(model) and not storage.is_s3(output):
-        log.info("output %s is local: on a cluster of several nodes, use s3://", output)
+    # Local paths absolute: Ray's workers read and write them from working directories of their own.
+    output, data = (u if "://" in u else os.path.abspath(os.path.expanduser(u)) for u in (output, data))
+    _check_output(output, trained.uri)
+    if split in ("", "errors"):
+        raise UsageError(f"--split {split!r}: 'errors' holds the unreadable images; name another split")
+    if os.environ.get("RAY_ADDRESS"):
+        local = [f"{name} {uri}" for name, uri in (("--data", data), ("--output", output)) if not storage.is_s3(uri)]
+        if local:
+            log.warning("%s: a local path on a Ray cluster must be shared by every node (else images read as "
+                        "missing and outputs land on one node); s3:// is", ", ".join(local))
     index, note = celeba.index_for_labels(data, trained.label_names, split)
     progress(f"[embed] {note}; model {model} ({len(trained.label_names)} labels, {trained.image_size} px)")
     init_ray()

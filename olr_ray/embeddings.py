@@ -133,7 +133,7 @@ def commit(embeddings_uri: str, staging_uri: str, parts: list[tuple[str, int]], 
     _, base = storage.resolve(embeddings_uri)
     for old in storage.list_files(embeddings_uri, ".parquet"):
         rel = storage.resolve(old)[1][len(base) + 1:]
-        if "/" not in rel and rel not in keep:  # a leftover of an earlier, different commit
+        if "/" not in rel and rel.startswith("part-") and rel not in keep:  # an earlier commit's leftover
             storage.delete_file(old)
     for name, _ in parts:
         storage.move(storage.join(staging_uri, name), storage.join(embeddings_uri, name))
@@ -249,7 +249,8 @@ class EmbeddingSet:
               where: dict[str, int] | None = None) -> pa.Table:
         """The rows of one split (or all) whose labels are as ``where`` says ({label: 0 or 1})."""
         if not self.paths:
-            return embedding_schema(self.label_names, self.k).empty_table().select(columns or [])
+            schema = embedding_schema(self.label_names, self.k)
+            return schema.empty_table().select(columns or schema.names)
         return self.dataset().to_table(columns=columns, filter=self._filter(split, where))
 
     def to_pandas(self, columns: list[str] | None = None, split: str | None = None,
@@ -286,6 +287,8 @@ class EmbeddingSet:
         """The rows of some image ids, in the order given."""
         import pyarrow.compute as pc
 
+        if not self.paths:
+            raise KeyError(f"image_id(s) {', '.join(map(repr, list(image_ids)[:5]))} not in {self.uri} (it is empty)")
         table = self.dataset().to_table(filter=pc.field("image_id").isin(list(image_ids)),
                                         columns=["uid", "image_id", "split", "labels", "embedding", "norms", "probs"])
         found = {v: i for i, v in enumerate(table["image_id"].to_pylist())}
@@ -322,6 +325,8 @@ class EmbeddingSet:
         import pyarrow.compute as pc
 
         j, L, k = self.label_index(label), len(self.label_names), self.k
+        if not self.paths:
+            raise KeyError(f"image_id {image_id!r} is not in {self.uri} (it is empty)")
         hit = self.dataset().to_table(columns=["embedding"], filter=pc.field("image_id") == image_id)
         if hit.num_rows == 0:
             raise KeyError(f"image_id {image_id!r} is not in {self.uri}")

@@ -86,6 +86,7 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
         progress(f"dry run: would run {', '.join(todo) or 'nothing'} "
                  f"(done already: {', '.join(s for s in wanted if run.done(s)) or 'none'}); resources: {plan}")
         return run
+    run.accept_changes()
     for stage in REGISTRY:
         if stage.NAME not in wanted:
             continue

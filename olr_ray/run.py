@@ -79,6 +79,8 @@ class Run:
     run_id: str
     manifest: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    """Options this resume changes (all of them ones a resume may change); applied by :meth:`accept_changes`."""
 
     def path(self, *parts: str) -> str:
         return storage.join(self.uri, *parts)
@@ -94,7 +96,7 @@ class Run:
             if storage.exists(run.path("metrics.json")):
                 run.metrics = storage.read_json(run.path("metrics.json"))
             saved = from_dict(yaml.safe_load(storage.read_bytes(run.path("config.yaml")).decode()) or {})
-            run._accept_changes(config_changes(saved, cfg), write=not dry)
+            run._check_changes(config_changes(saved, cfg))
             log.info("resuming run %s at %s", run_id, uri)
         elif dry:
             run.manifest = {"run_id": run_id, "stages": {s: {"status": "pending"} for s in stages}}
@@ -115,26 +117,35 @@ class Run:
             run.save()
         return run
 
-    def _accept_changes(self, changes: dict[str, tuple[Any, Any]], write: bool = True) -> None:
+    def _check_changes(self, changes: dict[str, tuple[Any, Any]]) -> None:
         """A resume may change how the run is carried out, and the analysis' options (the analysis then
-        runs again); any other change would mix results of two configs in one run."""
-        if not changes:
-            return
+        runs again); any other change would mix results of two configs in one run. Nothing is written here."""
+        pca = changes.get("analysis.pca_label")
+        if pca and "auto" in pca and self.metrics.get("pca.label") in pca:
+            del changes["analysis.pca_label"]  # auto resolved to the very label the other names
         blocking = [k for k in changes if k not in RESULT_NEUTRAL and not k.startswith(ANALYSIS_ONLY)]
         if blocking:
             shown = ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in blocking[:6])
             raise UsageError(f"run {self.run_id} at {self.uri} was started with a different config: {shown}; use a "
                              f"new --run-id or the same options (see {self.path('config.yaml')})")
+        self.changes = changes
         if any(k.startswith(ANALYSIS_ONLY) for k in changes) and self.done("analysis"):
-            for k in self.stage("analysis").get("metric_keys", []):
-                self.metrics.pop(k, None)
-            self.stage("analysis")["status"] = "pending"
-            log.info("analysis options changed: the analysis runs again")
-        if not write:
+            self.stage("analysis")["status"] = "pending"  # in memory: a dry run says the analysis would run again
+
+    def accept_changes(self) -> None:
+        """Write the resume's accepted changes, once every check of the request has passed: the new
+        config.yaml, the change under ``resumed_with``, and the analysis' old metrics gone when its
+        options changed (its stage is pending, run again now or by a later resume)."""
+        if not self.changes:
             return
+        if any(k.startswith(ANALYSIS_ONLY) for k in self.changes):
+            for k in self.stage("analysis").pop("metric_keys", []):
+                self.metrics.pop(k, None)
+            log.info("analysis options changed: the analysis runs again")
         self.manifest.setdefault("resumed_with", []).append(
-            {"at": utc_now(), "changed": {k: list(v) for k, v in changes.items()}})
+            {"at": utc_now(), "changed": {k: list(v) for k, v in self.changes.items()}})
         storage.write_bytes(self.path("config.yaml"), to_yaml(self.cfg).encode())
+        self.changes = {}
         self.save()
 
     def save(self) -> None:

@@ -4,6 +4,7 @@ and prepared images, read from the run folder without Ray (local or ``s3://``)."
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ class TrainedRun:
     @classmethod
     def open(cls, uri: str, needs: tuple[str, ...] = ("data", "classifier", "siamese")) -> "TrainedRun":
         """The run at ``uri`` (``<output>/<run-id>``); the stages in ``needs`` must be done there."""
+        if "://" not in uri:
+            uri = os.path.abspath(os.path.expanduser(uri))  # Ray's workers need no working directory
         path = storage.join(uri, "manifest.json")
         if not storage.exists(path):
             raise UsageError(f"{path}: not found; expected a run folder <output>/<run-id> written by "
@@ -58,10 +61,12 @@ class TrainedRun:
         return int(self.stage("data")["image_size"])
 
     def checkpoint(self, stage: str) -> str:
+        """The stage's final checkpoint, inside this run folder wherever the run was written from (the
+        manifest keeps the URI as the run wrote it: relative to its working directory, or another root)."""
         uri = self.stage(stage).get("checkpoint")
-        if not uri:
+        if not uri or "/checkpoints/" not in uri:
             raise UsageError(f"run {self.uri} has no {stage} checkpoint; run its {stage} stage first")
-        return uri
+        return self.path(*uri[uri.rindex("/checkpoints/") + 1:].split("/"))
 
     def images(self, image_ids: list[str]) -> dict[str, np.ndarray]:
         """The prepared images (uint8 HxWx3) of some image ids, read from ``data/`` without Ray."""

@@ -321,6 +321,17 @@ def test_embed_new_images_with_the_trained_run(smoke, tmp_path):
     assert sorted(p.table(["image_id"])["image_id"].to_pylist()) == ["nested/000001.jpg", "nested/000002.jpg"]
     np.testing.assert_allclose(p.lookup(["nested/000001.jpg"]).E, es.lookup(["000001.jpg"]).E, atol=1e-5)
     assert open(os.path.join(smoke.uri, "manifest.json")).read() == before  # nothing retrained or rewritten
+    # The output is a new folder or an earlier commit: never the run itself, nor a folder of other files.
+    from olr_ray.run import UsageError
+
+    with pytest.raises(UsageError, match="inside the trained run"):
+        embed_images(smoke.uri, str(celeba), os.path.join(smoke.uri, "embeddings"), progress=lambda m: None)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "sales.parquet").write_bytes(b"x")
+    with pytest.raises(UsageError, match="not an embedding commit"):
+        embed_images(smoke.uri, str(celeba), str(tmp_path / "mine"), progress=lambda m: None)
+    assert (tmp_path / "mine" / "sales.parquet").exists()
+    assert embed_images(smoke.uri, str(plain.parent), out2, progress=lambda m: None)["rows"] == 2  # a re-commit
 
 
 def test_edit_command_draws_the_grid(smoke, tmp_path):
@@ -356,6 +367,22 @@ def test_dry_run_checks_and_writes_nothing(smoke, tmp_path):
     run_pipeline(cfg, os.path.dirname(smoke.uri), "smoke", progress=messages.append, dry_run=True)
     assert open(os.path.join(smoke.uri, "config.yaml")).read() == before
     assert messages[-1].startswith("dry run: would run analysis (done already: data, classifier, siamese")
+
+
+def test_a_refused_resume_changes_nothing(smoke):
+    """Checks run before a resume writes: an analysis option the data cannot take leaves the run as it was."""
+    files = {n: open(os.path.join(smoke.uri, n)).read() for n in ("config.yaml", "metrics.json", "manifest.json")}
+    cfg = build_config("smoke", overrides=["analysis.pca_label=Nope"])
+    with pytest.raises(ValueError, match="analysis.pca_label='Nope' is not a label"):
+        run_pipeline(cfg, os.path.dirname(smoke.uri), "smoke", progress=lambda m: None)
+    assert {n: open(os.path.join(smoke.uri, n)).read() for n in files} == files
+
+
+def test_a_trained_run_finds_its_checkpoints_wherever_it_was_written_from():
+    from olr_ray.trained import TrainedRun
+
+    run = TrainedRun("s3://b/copied/r1", {"stages": {"siamese": {"checkpoint": "./runs/r1/checkpoints/siamese/e-2.pt"}}})
+    assert run.checkpoint("siamese") == "s3://b/copied/r1/checkpoints/siamese/e-2.pt"
 
 
 # Last in this module: it changes the shared smoke run's config.
