@@ -22,6 +22,11 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+class UsageError(ValueError):
+    """What was asked cannot be done as asked (options, run id, stage order, resources); the message says
+    what to change."""
+
+
 def _check(problems: list[str], ok: bool, key: str, msg: str) -> None:
     if not ok:
         problems.append(f"{key}: {msg}")

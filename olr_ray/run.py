@@ -20,14 +20,10 @@ import yaml
 
 import olr_ray
 from olr_ray import storage
-from olr_ray.config import PipelineConfig, from_dict, to_yaml
+from olr_ray.config import PipelineConfig, UsageError, from_dict, to_yaml  # noqa: F401 - UsageError re-exported
 from olr_ray.runtime import ResourcePlan
 
 log = logging.getLogger("olr_ray")
-
-
-class UsageError(ValueError):
-    """What was asked cannot be done as asked (options, run id, stage order); the message says what to change."""
 
 
 # Options that change how a run is carried out, not what it computes: a resume may change them.

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from olr_ray.config import UsageError
+
 log = logging.getLogger("olr_ray")
 
 
@@ -74,8 +76,13 @@ def plan_resources(num_workers: int, use_gpu: str | bool = "auto") -> ResourcePl
     cpus = float(res.get("CPU", os.cpu_count() or 1))
     gpus = float(res.get("GPU", 0))
     gpu = (gpus >= 1) if use_gpu == "auto" else (use_gpu in (True, "true"))
+    if gpu and use_gpu == "auto" and num_workers > gpus:
+        log.info("use_gpu=auto: the cluster has %g GPU(s), so %d training worker(s) instead of %d",
+                 gpus, int(gpus), num_workers)
+        num_workers = int(gpus)
     if gpu and gpus < max(1, num_workers):
-        raise RuntimeError(f"use_gpu=true needs {max(1, num_workers)} GPU(s); the cluster has {gpus:g}")
+        raise UsageError(f"--use-gpu true needs {max(1, num_workers)} GPU(s) for {num_workers} training worker(s); "
+                         f"the cluster has {gpus:g}: add GPU nodes, lower --num-workers, or use --use-gpu auto")
     reserve = max(1.5, cpus * 0.25)
     if num_workers == 0:
         per_worker, threads = 0.0, max(1, int(cpus))

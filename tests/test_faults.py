@@ -98,6 +98,30 @@ def test_bad_requests_fail_before_ray_with_one_line(case, tmp_path, s3_bucket):
     assert last.startswith(expected), last
 
 
+def test_gpus_no_cluster_has_fail_in_one_line(tmp_path):
+    """--use-gpu true where the cluster has no GPU (and no autoscaler to add one): one error line, exit 2."""
+    t0 = time.time()
+    res = _job(["--preset", "smoke", "--use-gpu", "true", "--output", str(tmp_path / "runs"), "--run-id", "g"], {},
+               timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert time.time() - t0 < 60
+    assert out.strip().splitlines()[-1].startswith(
+        "error: --use-gpu true needs 2 GPU(s) for 2 training worker(s); the cluster has 0"), out[-1000:]
+
+
+@pytest.mark.parametrize("gpus, workers", [(0, 2), (1, 1), (4, 2)])
+def test_auto_gpus_cap_the_workers_to_the_cluster_s(monkeypatch, gpus, workers):
+    """use_gpu=auto on a cluster of `gpus` GPUs, 2 workers asked: GPU workers capped to the GPUs there are."""
+    import ray
+
+    from olr_ray.runtime import plan_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(gpus)})
+    plan = plan_resources(2, "auto")
+    assert plan.use_gpu is (gpus > 0) and plan.num_workers == workers
+
+
 # ---------------------------------------------------------------------------------------------
 # Corrupt input read from S3 through 5% 503 SlowDown: the job completes, errors/ lists exactly
 # the bad images, rows + errors = input, every file reads in full, retries are in the manifest.

@@ -331,7 +331,12 @@ def test_embed_new_images_with_the_trained_run(smoke, tmp_path):
     with pytest.raises(UsageError, match="not an embedding commit"):
         embed_images(smoke.uri, str(celeba), str(tmp_path / "mine"), progress=lambda m: None)
     assert (tmp_path / "mine" / "sales.parquet").exists()
-    assert embed_images(smoke.uri, str(plain.parent), out2, progress=lambda m: None)["rows"] == 2  # a re-commit
+    from olr_ray.cli import embed_main
+
+    # jobs/embed.py's own entry point (in this process: it joins the session's Ray), re-committing out2
+    assert embed_main(["--model", smoke.uri, "--data", str(plain.parent), "--output", out2]) == 0
+    assert EmbeddingSet(out2).manifest["rows"] == 2 and EmbeddingSet(out2).manifest["source"] == str(plain.parent)
+    assert embed_main(["--model", smoke.uri, "--data", str(plain.parent), "--output", out2, "--split", "errors"]) == 2
 
 
 def test_edit_command_draws_the_grid(smoke, tmp_path):
