@@ -202,11 +202,17 @@ def test_editing_success_exact_fractions() -> None:
     assert out["target_success"] == pytest.approx(2 / 3)
     assert out["others_preserved"] == pytest.approx(6 / 8)
     assert out["n_eligible"] == 3
+    # over the rows the add changed (0 and 3): only (3, 2) changed -> 3/4.
+    assert out["others_preserved_changed"] == pytest.approx(3 / 4)
     # remove label 1: eligible rows 0, 1, 3; off in row 1 only -> 1/3.
     out = M.editing_success(before, after, 1, "remove")
     assert out["target_success"] == pytest.approx(1 / 3)
     # labels 0, 2: changed (0,0), (3,0), (3,2) -> 5/8.
     assert out["others_preserved"] == pytest.approx(5 / 8)
+    assert out["others_preserved_changed"] == 1.0  # row 1, where the remove worked, kept labels 0 and 2
+    # an edit that does nothing keeps every other label, and counts for nothing over the changed edits
+    idle = M.editing_success(before, before, 0, "add")
+    assert idle["others_preserved"] == 1.0 and math.isnan(idle["others_preserved_changed"])
     assert math.isnan(M.editing_success(after, after, 0, "add", threshold=0.0)["target_success"])
 
 
@@ -367,3 +373,11 @@ def test_report_without_paper_reference(tmp_path) -> None:
 def test_flatten_metrics() -> None:
     flat = flatten_metrics({"a": {"b": 1, "c": {"d": [0.5, 0.25]}}})
     assert flat["a.b"] == 1 and flat["a.c.d.1"] == 0.25
+
+
+def test_first_component_auc() -> None:
+    y = np.array([0, 0, 1, 1, 1])
+    assert M.first_component_auc(np.array([0.1, 0.2, 0.8, 0.9, 0.7]), y) == 1.0
+    assert M.first_component_auc(np.array([0.9, 0.8, 0.1, 0.2, 0.3]), y) == 0.0  # oriented against the label
+    assert M.first_component_auc(np.array([0.5, 0.2, 0.5, 0.2, 0.5]), y) == pytest.approx(3.5 / 6)  # ties count a half
+    assert np.isnan(M.first_component_auc(np.arange(3.0), np.ones(3)))

@@ -1,6 +1,7 @@
 """The smoke preset end to end (in-process on the session's Ray), and what analysts rely on in its output."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -74,6 +75,11 @@ def test_metrics_json_has_every_key(smoke):
     assert not missing, missing
     assert set(metrics["classifier.test_mean_accuracy_per_label"]) == set(smoke.stage("data")["label_names"])
     assert 0 <= metrics["probe.test_mean_accuracy"] <= 1 and -1 <= metrics["correlation.vs_label_corr_r"] <= 1
+    # Baselines beside the claims: the classifier's probabilities' agreement r, the paper's pairs, PCA's AUC.
+    assert -1 <= metrics["correlation.classifier_probs_corr_r"] <= 1 and 0 <= metrics["pca.first_component_auc"] <= 1
+    assert set(metrics["correlation.paper_pairs"]) == {"Male~Heavy_Makeup", "Attractive~Wearing_Lipstick"}
+    assert metrics["correlation.paper_pairs"]["Male~Heavy_Makeup"]["labels"] < 0  # no makeup on men in the data
+    assert 0 <= metrics["editing.others_preserved_changed"] <= 1 or math.isnan(metrics["editing.others_preserved_changed"])
     # Synthetic runs also judge exact edits (the face redrawn with the label set), per label.
     for key in ("editing.exact_add_success", "editing.exact_remove_success", "editing.exact_others_preserved"):
         assert 0 <= metrics[key] <= 1, key

@@ -51,7 +51,7 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], E
     success of the first judge.
     """
     base = judge(E0)
-    add, rem, keep = ({0: [], 1: []} for _ in range(3))
+    add, rem, keep, keep_changed = ({0: [], 1: []} for _ in range(4))
     add_by_label, rem_by_label = np.full(len(names), np.nan), np.full(len(names), np.nan)
     by_scale: dict[float, list[float]] = {s: [] for s in scales}
 
@@ -64,6 +64,7 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], E
             if not np.isnan(r[j]["target_success"]):
                 into[j].append(r[j]["target_success"])
             keep[j].append(r[j]["others_preserved"])
+            keep_changed[j].append(r[j]["others_preserved_changed"])
 
     for l in map(int, np.flatnonzero(~g["empty"])):
         for s in scales:
@@ -82,6 +83,9 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], E
         out[f"editing.add_success{suffix}"] = mean(add[j])
         out[f"editing.remove_success{suffix}"] = mean(rem[j])
         out[f"editing.others_preserved{suffix}"] = float(np.nanmean(keep[j])) if keep[j] else float("nan")
+        # Over the edits that changed their target: an edit that does nothing keeps everything else too.
+        done = [v for v in keep_changed[j] if not np.isnan(v)]
+        out[f"editing.others_preserved_changed{suffix}"] = float(np.mean(done)) if done else float("nan")
     out["editing.add_success_per_label"] = {n: float(v) for n, v in zip(names, add_by_label)}
     out["editing.remove_success_per_label"] = {n: float(v) for n, v in zip(names, rem_by_label)}
     out["editing.add_success_by_scale"] = {str(s): mean(v) for s, v in by_scale.items()}

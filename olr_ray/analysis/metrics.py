@@ -407,6 +407,21 @@ def label_pca(E_l: np.ndarray, n_components: int = 10) -> dict[str, Any]:
     }
 
 
+def first_component_auc(projection: np.ndarray, y: np.ndarray) -> float:
+    """How well the first component ranks the images that have the label above those that do not: the
+    ROC AUC of ``projection`` against 0/1 ``y`` (0.5: no better than chance; NaN when one class is empty).
+
+    The component is oriented along the block norm (:func:`label_pca`), not along the label, so an AUC
+    under 0.5 means the longer vectors belong to the images without the label.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y).reshape(-1)
+    if y.min(initial=0) == y.max(initial=0):
+        return float("nan")
+    return float(roc_auc_score(y, np.asarray(projection, dtype=np.float64).reshape(-1)))
+
+
 # --------------------------------------------------------------------------------------------
 # 4.5 Editing: per-label Gaussians, edits and their success
 # --------------------------------------------------------------------------------------------
@@ -517,7 +532,9 @@ def editing_success(
     Returns:
         Dict with ``target_success`` (fraction of eligible images where label l ends as asked;
         NaN if none were eligible), ``others_preserved`` (fraction of (image, other label)
-        pairs whose thresholded prediction is unchanged; NaN if L == 1) and ``n_eligible``.
+        pairs whose thresholded prediction is unchanged; NaN if L == 1),
+        ``others_preserved_changed`` (the same over the eligible images whose label l ended as
+        asked; NaN if none did) and ``n_eligible``.
     """
     pb = np.asarray(probs_before, dtype=np.float64)
     pa = np.asarray(probs_after, dtype=np.float64)
@@ -540,7 +557,12 @@ def editing_success(
     target = float(done[eligible].mean()) if n_el else float("nan")
     others = np.delete(np.arange(L), label_index)
     preserved = float((before[:, others] == after[:, others]).mean()) if others.size and pb.shape[0] else float("nan")
-    return {"target_success": target, "others_preserved": preserved, "n_eligible": n_el}
+    # The same over the images whose edit did what it asked: an edit that changes nothing cannot score here.
+    changed = eligible & done
+    preserved_changed = (float((before[changed][:, others] == after[changed][:, others]).mean())
+                         if others.size and changed.any() else float("nan"))
+    return {"target_success": target, "others_preserved": preserved, "others_preserved_changed": preserved_changed,
+            "n_eligible": n_el}
 
 
 # --------------------------------------------------------------------------------------------

@@ -233,6 +233,12 @@ def measurement_section(edit_images: int, size: int, decoder_out: int | None, sy
         "- **Probe vs classifier.** Both are read at 0.5 on the same test images (the classifier through the "
         "committed `probs`); mean accuracy averages the per-label accuracies, balanced accuracy the per-label "
         "mean of the two class recalls.",
+        "- **Correlations.** `correlation.vs_label_corr_r` is the Pearson r between the off-diagonal "
+        "correlations of the per-label embedding norms and those of the labels, over every image; "
+        "`correlation.classifier_probs_corr_r` is the same for the classifier's probabilities, a per-label "
+        "detector without embeddings: the baseline the embeddings' r is to be read against.",
+        "- **PCA.** `pca.first_component_auc`: the ROC AUC of the test images' first-component projection "
+        "for the analysed label (0.5 is chance).",
     ]
     if decoder_out:
         lines += [

@@ -88,16 +88,28 @@ def _probe(c: _Context) -> tuple[dict[str, Any], dict[str, Any]]:
     }
 
 
+# Label pairs the paper cites (Section 4.2) with their correlations beside its own figure.
+PAPER_PAIRS = [("Male", "Heavy_Makeup"), ("Attractive", "Wearing_Lipstick")]
+
+
 def _correlation(c: _Context, emb: Embeddings) -> dict[str, Any]:
-    """Correlation of per-label norms against the labels' own correlation."""
+    """Correlation of per-label norms against the labels' own correlation, beside the same agreement for
+    the classifier's probabilities (a per-label detector with no embedding: the baseline of the claim)."""
     norm_corr, label_corr = M.norm_correlation(emb.E), M.label_correlation(emb.labels)
+    prob_corr = M.label_correlation(emb.probs)
     r = M.offdiag_agreement(norm_corr, label_corr)
+    pairs = {f"{a}~{b}": {"norms": float(norm_corr[i, j]), "labels": float(label_corr[i, j]),
+                          "classifier_probs": float(prob_corr[i, j])}
+             for a, b in PAPER_PAIRS if a in c.names and b in c.names
+             for i, j in [(c.names.index(a), c.names.index(b))]}
     c.figs["Correlation of per-label embedding norms vs label correlation"] = P.plot_correlation_pair(
         norm_corr, label_corr, c.names, c.fig("correlation_pair.png"), r)
     c.figs["Pearson correlation of per-label embedding norms"] = P.plot_correlation_heatmap(
         norm_corr, c.names, c.fig("norm_correlation.png"), "Pearson correlation of per-label embedding norms")
     np.save(c.fig("norm_correlation.npy"), norm_corr)
-    return {"correlation.vs_label_corr_r": r}
+    return {"correlation.vs_label_corr_r": r,
+            "correlation.classifier_probs_corr_r": M.offdiag_agreement(prob_corr, label_corr),
+            "correlation.paper_pairs": pairs}
 
 
 def pca_label(option: str, names: list[str], train_labels: np.ndarray) -> tuple[str, str]:
@@ -123,7 +135,9 @@ def _pca(c: _Context, emb: Embeddings, test_images: np.ndarray) -> dict[str, Any
     proj = (c.test.E[:, li, :] - pca["mean"]) @ pca["components"][0]
     c.figs[f"Test images ranked by their {label} first-component projection"] = P.plot_ranked_strip(
         test_images, proj, c.fig("pca_ranked_strip.png"), f"Ranked by PC1 of {label}", n=10, value_name="PC1")
-    return {"pca.label": label, "pca.label_rule": rule, "pca.explained_variance_ratio": [float(v) for v in pca["explained_variance_ratio"]]}
+    return {"pca.label": label, "pca.label_rule": rule,
+            "pca.first_component_auc": M.first_component_auc(proj, c.test.labels[:, li]),
+            "pca.explained_variance_ratio": [float(v) for v in pca["explained_variance_ratio"]]}
 
 
 def _reconstruction(c: _Context, decoder, clf, x: torch.Tensor) -> tuple[dict[str, Any], np.ndarray]:
