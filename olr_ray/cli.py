@@ -92,12 +92,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 0
     try:
         run = run_pipeline(cfg, args.output, args.run_id, stages, dry_run=args.dry_run)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (StorageError, DatasetFormatError) as exc:  # names the file (and line) or the operation and URI,
-        print(f"error: {exc}", file=sys.stderr)     # never a credential
-        return 1
+    except (UsageError, StorageError, DatasetFormatError) as exc:
+        return _fail(exc)
     print()
     print(summary(run))
     return 0
@@ -109,7 +105,8 @@ def console() -> None:
 
 
 def _fail(exc: Exception) -> int:
-    """One ``error:`` line for what the user must change (2) or a file, storage or data problem (1)."""
+    """One ``error:`` line for what the user must change (2) or a file, storage or data problem (1); the
+    messages name the file (and line) or the operation and URI, never a credential."""
     print(f"error: {exc}", file=sys.stderr)
     return 2 if isinstance(exc, UsageError) else 1
 

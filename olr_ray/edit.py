@@ -12,6 +12,9 @@ is left bit for bit.
 
 from __future__ import annotations
 
+import io
+import os
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,8 +45,6 @@ def label_gaussians(run: TrainedRun, es: EmbeddingSet) -> dict[str, np.ndarray]:
     """The per-label Gaussians the analysis fitted (``analysis/gaussians.npz``), else fitted here on train."""
     path = run.path("analysis", "gaussians.npz")
     if storage.exists(path):
-        import io
-
         g = dict(np.load(io.BytesIO(storage.read_bytes(path))))
         g["empty"] = g["count"] == 0
         return g
@@ -94,9 +95,6 @@ def edit(run_uri: str, image_ids: list[str], add: list[str] = (), remove: list[s
 
 def edit_grid(res: EditResult, path: str, title: str | None = None) -> str:
     """One row per image: original, reconstruction, then each edit. Writes a PNG (local or ``s3://``)."""
-    import os
-    import tempfile
-
     cols = ["original", "reconstruction", *res.edits]
     rows = [[res.originals[i], res.reconstructions[i], *(e[i] for e in res.edits.values())]
             for i in range(len(res.image_ids))]

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from olr_ray import storage
 from olr_ray.data import celeba
 from olr_ray.embeddings import STAGING, SUCCESS
-from olr_ray.run import UsageError
+from olr_ray.run import UsageError, read_prepared
 from olr_ray.runtime import init_ray, plan_resources
 from olr_ray.stages.data import prepare
 from olr_ray.stages.embed import embed_dataset
@@ -34,11 +34,12 @@ def _check_output(output: str, model: str) -> None:
     _, run_path = storage.resolve(model)
     if (out_path.rstrip("/") + "/").startswith(run_path.rstrip("/") + "/"):
         raise UsageError(f"--output {output} is inside the trained run {model}; name a folder outside it")
+
     def ours(rel: str) -> bool:
         return rel in ("manifest.json", SUCCESS) or (rel.startswith("part-") and rel.endswith(".parquet")) \
             or rel.split("/", 1)[0] in (PREPARED, ERRORS, STAGING)
 
-    others = [f for f in storage.list_files(output) if not ours(storage.resolve(f)[1][len(out_path.rstrip("/")) + 1:])]
+    others = [f for f in storage.list_files(output) if not ours(storage.relative(f, output))]
     if others:
         raise UsageError(f"--output {output} holds files that are not an embedding commit (e.g. {others[0]}); "
                          f"name an empty folder or an earlier jobs/embed.py output")
@@ -54,7 +55,7 @@ def embed_images(model: str, data: str, output: str, num_workers: int = 2, use_g
     """
     trained = TrainedRun.open(model)
     # Local paths absolute: Ray's workers read and write them from working directories of their own.
-    output, data = (u if "://" in u else os.path.abspath(os.path.expanduser(u)) for u in (output, data))
+    output, data = storage.absolute(output), storage.absolute(data)
     _check_output(output, trained.uri)
     if split in ("", "errors"):
         raise UsageError(f"--split {split!r}: 'errors' holds the unreadable images; name another split")
@@ -73,15 +74,11 @@ def embed_images(model: str, data: str, output: str, num_workers: int = 2, use_g
                      storage.join(output, ERRORS, "read_errors.parquet"), plan)
     errors = counts.pop("errors")
     progress(f"[embed] {sum(counts.values())} images read, {errors} unreadable ({time.time() - t0:.1f}s)")
-    fs, _ = storage.resolve(output)
-    parts = [storage.resolve(storage.join(prepared, f"part={s}"))[1] for s in counts if counts[s]]
+    parts = [storage.join(prepared, f"part={s}") for s in counts if counts[s]]
     if not parts:
         raise UsageError(f"{data}: none of its {index.num_rows} images could be read; reasons in "
                          f"{storage.join(output, ERRORS, 'read_errors.parquet')}")
-    import ray
-
-    images = ray.data.read_parquet(parts, filesystem=fs, num_cpus=plan.task_cpus).select_columns(
-        ["uid", "image_id", "split", "labels", "image"])
+    images = read_prepared(parts, plan, ["uid", "image_id", "split", "labels", "image"])
     manifest = embed_dataset(images, output, trained.checkpoint("siamese"), trained.checkpoint("classifier"),
                              trained.label_names, trained.k, trained.manifest["run_id"], plan, batch_size,
                              rows_per_file, config=trained.config,

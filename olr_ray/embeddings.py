@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 import olr_ray
@@ -129,10 +131,8 @@ def commit(embeddings_uri: str, staging_uri: str, parts: list[tuple[str, int]], 
     success = storage.join(embeddings_uri, SUCCESS)
     storage.delete_file(success)
     keep = {name for name, _ in parts}
-    # Compare resolved paths: list_files returns absolute local paths, whatever ./, ~ or file:// the URI had.
-    _, base = storage.resolve(embeddings_uri)
     for old in storage.list_files(embeddings_uri, ".parquet"):
-        rel = storage.resolve(old)[1][len(base) + 1:]
+        rel = storage.relative(old, embeddings_uri)
         if "/" not in rel and rel.startswith("part-") and rel not in keep:  # an earlier commit's leftover
             storage.delete_file(old)
     for name, _ in parts:
@@ -219,10 +219,8 @@ class EmbeddingSet:
     def schema_version(self) -> int:
         return int(self.manifest.get("schema_version", 1))
 
-    def dataset(self):
+    def dataset(self) -> pads.Dataset:
         """The committed files as a ``pyarrow.dataset.Dataset`` (for scans of your own)."""
-        import pyarrow.dataset as pads
-
         return pads.dataset(self.paths, filesystem=self._fs, format="parquet")
 
     def label_index(self, label: str) -> int:
@@ -231,8 +229,6 @@ class EmbeddingSet:
         return self.label_names.index(label)
 
     def _filter(self, split: str | None, where: dict[str, int] | None):
-        import pyarrow.compute as pc
-
         expr = None
         conds = [pc.field("split") == split] if split is not None else []
         for label, value in (where or {}).items():
@@ -263,30 +259,36 @@ class EmbeddingSet:
 
         return pl.from_arrow(self.table(columns, split, where))
 
+    def _embeddings(self, table: pa.Table) -> Embeddings:
+        """An :class:`Embeddings` of a table's rows, from whichever array columns it holds."""
+        L, k = len(self.label_names), self.k
+
+        def fixed(name: str, width: int, dtype, missing: float = 0) -> np.ndarray | None:
+            return _fixed(table[name], width, dtype, missing) if name in table.column_names else None
+
+        E = fixed("embedding", L * k, np.float32)
+        return Embeddings(
+            ids=table["image_id"].to_numpy(zero_copy_only=False).astype(str),
+            uids=table["uid"].to_numpy(),
+            splits=table["split"].to_numpy(zero_copy_only=False).astype(str),
+            E=None if E is None else E.reshape(-1, L, k),
+            labels=fixed("labels", L, np.int8, missing=-1),
+            label_names=self.label_names, k=k,
+            norms=fixed("norms", L, np.float32),
+            probs=fixed("probs", L, np.float32),
+            metadata={"schema_version": self.schema_version, "run_id": self.manifest.get("run_id"),
+                      "model": self.manifest.get("model")},
+        )
+
     def to_numpy(self, columns: list[str] | None = None, split: str | None = None,
                  where: dict[str, int] | None = None) -> Embeddings:
         """The array columns as an :class:`Embeddings`, rows sorted by uid."""
         want = columns or ["labels", "embedding", "norms", "probs"]
         want = list(dict.fromkeys(["uid", "image_id", "split"] + want))
-        table = self.table(want, split, where).sort_by("uid")
-        L, k = len(self.label_names), self.k
-        return Embeddings(
-            ids=table["image_id"].to_numpy(zero_copy_only=False).astype(str),
-            uids=table["uid"].to_numpy(),
-            splits=table["split"].to_numpy(zero_copy_only=False).astype(str),
-            E=_fixed(table["embedding"], L * k, np.float32).reshape(-1, L, k) if "embedding" in want else None,
-            labels=_fixed(table["labels"], L, np.int8, missing=-1) if "labels" in want else None,
-            label_names=self.label_names, k=k,
-            norms=_fixed(table["norms"], L, np.float32) if "norms" in want else None,
-            probs=_fixed(table["probs"], L, np.float32) if "probs" in want else None,
-            metadata={"schema_version": self.schema_version, "run_id": self.manifest.get("run_id"),
-                      "model": self.manifest.get("model")},
-        )
+        return self._embeddings(self.table(want, split, where).sort_by("uid"))
 
     def lookup(self, image_ids: list[str]) -> Embeddings:
         """The rows of some image ids, in the order given."""
-        import pyarrow.compute as pc
-
         if not self.paths:
             raise KeyError(f"image_id(s) {', '.join(map(repr, list(image_ids)[:5]))} not in {self.uri} (it is empty)")
         table = self.dataset().to_table(filter=pc.field("image_id").isin(list(image_ids)),
@@ -295,14 +297,7 @@ class EmbeddingSet:
         missing = [i for i in image_ids if i not in found]
         if missing:
             raise KeyError(f"image_id(s) {', '.join(map(repr, missing[:5]))} not in {self.uri}")
-        table = table.take([found[i] for i in image_ids])
-        L, k = len(self.label_names), self.k
-        return Embeddings(
-            ids=np.array(image_ids, dtype=str), uids=table["uid"].to_numpy(),
-            splits=table["split"].to_numpy(zero_copy_only=False).astype(str),
-            E=_fixed(table["embedding"], L * k, np.float32).reshape(-1, L, k),
-            labels=_fixed(table["labels"], L, np.int8, missing=-1), label_names=self.label_names, k=k,
-            norms=_fixed(table["norms"], L, np.float32), probs=_fixed(table["probs"], L, np.float32))
+        return self._embeddings(table.take([found[i] for i in image_ids]))
 
     def to_torch(self, split: str | None = None, where: dict[str, int] | None = None):
         """The embeddings as a float32 (N, L, k) tensor, rows sorted by uid (torch is imported here only)."""
@@ -322,15 +317,8 @@ class EmbeddingSet:
 
         Streams the files batch by batch, so memory stays at one batch plus ``n`` candidates.
         """
-        import pyarrow.compute as pc
-
         j, L, k = self.label_index(label), len(self.label_names), self.k
-        if not self.paths:
-            raise KeyError(f"image_id {image_id!r} is not in {self.uri} (it is empty)")
-        hit = self.dataset().to_table(columns=["embedding"], filter=pc.field("image_id") == image_id)
-        if hit.num_rows == 0:
-            raise KeyError(f"image_id {image_id!r} is not in {self.uri}")
-        q = _fixed(hit["embedding"], L * k, np.float32)[0].reshape(L, k)[j]
+        q = self.lookup([image_id]).E[0, j]
         q = q / max(float(np.linalg.norm(q)), 1e-12)
         best_ids, best_sim = np.array([], dtype=object), np.array([], dtype=np.float32)
         for batch in self.dataset().to_batches(columns=["image_id", "embedding"], filter=self._filter(split, None)):

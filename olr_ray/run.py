@@ -48,6 +48,16 @@ def config_changes(saved: PipelineConfig, new: PipelineConfig) -> dict[str, tupl
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def read_prepared(dirs: list[str], plan: ResourcePlan, columns: list[str] | None = None):
+    """Prepared images (the folders ``stages.data.prepare`` writes) as a Ray Dataset; read tasks ask for
+    ``plan.task_cpus``."""
+    import ray
+
+    fs, _ = storage.resolve(dirs[0])
+    ds = ray.data.read_parquet([storage.resolve(d)[1] for d in dirs], filesystem=fs, num_cpus=plan.task_cpus)
+    return ds.select_columns(columns) if columns else ds
+
+
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -188,12 +198,7 @@ class Run:
 
     def read_images(self, splits: list[str] | None, plan: ResourcePlan, columns: list[str] | None = None):
         """The prepared images of some splits as a Ray Dataset (read tasks ask for ``plan.task_cpus``)."""
-        import ray
-
         dirs = self.split_dirs(splits)
         if not dirs:
             raise RuntimeError(f"run {self.run_id}: no prepared images for splits {splits} under {self.path('data')}")
-        fs, _ = storage.resolve(self.uri)
-        paths = [storage.resolve(d)[1] for d in dirs]
-        ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=plan.task_cpus)
-        return ds.select_columns(columns) if columns else ds
+        return read_prepared(dirs, plan, columns)

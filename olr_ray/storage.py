@@ -77,6 +77,18 @@ def resolve(uri: str, sdk_retries: bool = True) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (``~`` expanded); URIs with a scheme as they are. For paths handed to
+    Ray's workers, which run in working directories of their own."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+def relative(uri: str, root: str) -> str:
+    """The path of ``uri`` under ``root``, whatever ./, ~ or file:// either was spelled with (``list_files``
+    returns absolute local paths)."""
+    return resolve(uri)[1][len(resolve(root)[1].rstrip("/")) + 1:]
+
+
 def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
         return posixpath.join(uri.rstrip("/"), *parts)

@@ -4,8 +4,8 @@ and prepared images, read from the run folder without Ray (local or ``s3://``)."
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -24,8 +24,7 @@ class TrainedRun:
     @classmethod
     def open(cls, uri: str, needs: tuple[str, ...] = ("data", "classifier", "siamese")) -> "TrainedRun":
         """The run at ``uri`` (``<output>/<run-id>``); the stages in ``needs`` must be done there."""
-        if "://" not in uri:
-            uri = os.path.abspath(os.path.expanduser(uri))  # Ray's workers need no working directory
+        uri = storage.absolute(uri)
         path = storage.join(uri, "manifest.json")
         if not storage.exists(path):
             raise UsageError(f"{path}: not found; expected a run folder <output>/<run-id> written by "
@@ -47,7 +46,7 @@ class TrainedRun:
     def label_names(self) -> list[str]:
         return list(self.stage("data")["label_names"])
 
-    @property
+    @cached_property
     def config(self) -> dict[str, Any]:
         """The run's resolved config (``config.yaml``) as a dict."""
         return yaml.safe_load(storage.read_bytes(self.path("config.yaml")).decode()) or {}

@@ -197,8 +197,7 @@ def plain_index(uri: str, num_labels: int, split: str = "all") -> pa.Table:
     if not files:
         raise DatasetFormatError(f"{uri}: no images ({', '.join(IMAGE_SUFFIXES)}) and no {ATTR_FILE}; expected a "
                                  f"folder of images or a CelebA-format folder")
-    _, base = storage.resolve(uri)
-    ids = [storage.resolve(f)[1][len(base.rstrip("/")) + 1:] for f in files]
+    ids = [storage.relative(f, uri) for f in files]
     return pa.table({
         "uid": pa.array(np.arange(len(files), dtype=np.int64)),
         "image_id": pa.array(ids, pa.string()),

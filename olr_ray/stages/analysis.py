@@ -164,7 +164,7 @@ def _reconstruction(c: _Context, decoder, clf, x: torch.Tensor) -> tuple[dict[st
     }, recall
 
 
-def _editing(c: _Context, decoder, clf, probe: dict[str, Any], x: torch.Tensor, test_images: np.ndarray,
+def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch.Tensor, test_images: np.ndarray,
              recall: np.ndarray) -> dict[str, Any]:
     """Per-label Gaussians, then every label added and removed on the first test faces, judged on the decoded faces."""
     run, cfg, seed = c.run, c.run.cfg.analysis, c.run.cfg.seed
@@ -177,7 +177,6 @@ def _editing(c: _Context, decoder, clf, probe: dict[str, Any], x: torch.Tensor, 
     # Each is flattered when the decoder trained through it: decoder.edit_weight > 0 (the
     # default) trains through the Siamese network, decoder.label_weight > 0 through the
     # classifier. With the defaults the classifier is the judge the decoder never saw.
-    siamese, _ = load_checkpoint(run.stage("siamese")["checkpoint"])
 
     def judge(E: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rec = editing.batched(decoder.reconstruct, torch.from_numpy(E))
@@ -253,7 +252,9 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     if not np.array_equal(test_uids, c.test.uids):
         raise RuntimeError("test images and test embeddings disagree on uids")
     out.update(_pca(c, emb, test_images))
-    clf, _ = load_checkpoint(run.stage("classifier")["checkpoint"])
+    # Each trained model is read once: for judging, re-embedding and its training curves.
+    (clf, clf_state), (siamese, siamese_state) = (load_checkpoint(run.stage(s)["checkpoint"])
+                                                  for s in ("classifier", "siamese"))
     decoder_out = None
     if run.stage("decoder").get("checkpoint"):
         decoder, dstate = load_checkpoint(run.stage("decoder")["checkpoint"])
@@ -263,13 +264,11 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         out.update(rec_out)
         c.figs["Decoder training"] = P.plot_training_curves(_curves(dstate.get("history", [])),
                                                             c.fig("decoder_curves.png"))
-        out.update(_editing(c, decoder, clf, probe, x, test_images, recall))
+        out.update(_editing(c, decoder, clf, siamese, probe, x, test_images, recall))
     if run.data.get("kind") == "synthetic" and run.cfg.analysis.disentangle_faces > 0:
-        siamese, _ = load_checkpoint(run.stage("siamese")["checkpoint"])
         out.update(editing.disentanglement(siamese, c.names, c.size, run.cfg.analysis.disentangle_faces,
                                            run.cfg.seed))
-    for stage in ("classifier", "siamese"):
-        _, st = load_checkpoint(run.stage(stage)["checkpoint"])
+    for stage, st in (("classifier", clf_state), ("siamese", siamese_state)):
         c.figs[f"{stage.capitalize()} training"] = P.plot_training_curves(_curves(st.get("history", [])),
                                                                          c.fig(f"{stage}_curves.png"))
     run.record(NAME, out)
