@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         run = run_pipeline(cfg, args.output, args.run_id, stages, dry_run=args.dry_run)
     except (UsageError, StorageError, DatasetFormatError) as exc:
         return _fail(exc)
-    print()
-    print(summary(run))
+    if not args.dry_run:  # a dry run has said what would run; it has no outputs to list
+        print()
+        print(summary(run))
     return 0
 
 

@@ -396,6 +396,15 @@ def test_a_trained_run_finds_its_checkpoints_wherever_it_was_written_from():
     assert run.checkpoint("siamese") == "s3://b/copied/r1/checkpoints/siamese/e-2.pt"
 
 
+def test_dry_run_command_lists_no_outputs(ray_local, tmp_path, capsys):
+    from olr_ray.cli import main
+
+    assert main(["--preset", "smoke", "--output", str(tmp_path), "--run-id", "d", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: would run data, classifier" in out and "outputs:" not in out
+    assert not (tmp_path / "d").exists()
+
+
 # Last in this module: it changes the shared smoke run's config.
 def test_resume_follows_what_changes_results(smoke):
     """Workers and inference batch sizes never block a resume; the analysis' options re-run the analysis alone."""
