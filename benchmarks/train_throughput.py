@@ -1,5 +1,6 @@
 """Training throughput: Ray Train DDP with 2 CPU workers against one plain PyTorch process with the
-same total threads, same model (the OLR classifier) and per-step batch. Prints JSON.
+same total threads, same model (the OLR classifier) and per-step batch, at each precision (bf16 and fp32
+side by side). Prints JSON, the bf16/fp32 ratios in its last keys.
 
     .venv/bin/python benchmarks/train_throughput.py --n 4096 --size 64
 """
@@ -17,20 +18,23 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import matmul_peak, model_flops  # noqa: E402
 
 L = 38
 
 
-def _model(size: int, width: int):
+def _model(size: int, width: int, precision: str = "fp32"):
     from olr_ray.models import Classifier
+    from olr_ray.models.precision import set_precision
 
     torch.manual_seed(0)
-    return Classifier(L, size, width)
+    return set_precision(Classifier(L, size, width), precision)
 
 
-def plain(images: np.ndarray, labels: np.ndarray, batch: int, threads: int, size: int, width: int) -> float:
+def plain(images: np.ndarray, labels: np.ndarray, batch: int, threads: int, size: int, width: int,
+          precision: str) -> float:
     torch.set_num_threads(threads)
-    model = _model(size, width)
+    model = _model(size, width, precision)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = torch.from_numpy(images), torch.from_numpy(labels).float()
 
@@ -55,7 +59,7 @@ def ddp_train_func(config: dict) -> None:
     import ray.train.torch
 
     torch.set_num_threads(config["threads"])
-    model = ray.train.torch.prepare_model(_model(config["size"], config["width"]))
+    model = ray.train.torch.prepare_model(_model(config["size"], config["width"], config["precision"]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     shard = ray.train.get_dataset_shard("train")
     rates = []
@@ -75,12 +79,14 @@ def ddp_train_func(config: dict) -> None:
     ray.train.report({"images_per_s": rates[-1]})
 
 
-def ddp(images: np.ndarray, labels: np.ndarray, batch: int, workers: int, size: int, width: int) -> float:
+def ddp(images: np.ndarray, labels: np.ndarray, batch: int, workers: int, size: int, width: int,
+        precision: str) -> float:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ds = ray.data.from_numpy(images).map_batches(
         lambda b: {"image": b["data"], "labels": np.zeros((len(b["data"]), L), np.int8)},
         batch_format="numpy").materialize()
@@ -88,7 +94,8 @@ def ddp(images: np.ndarray, labels: np.ndarray, batch: int, workers: int, size: 
     out = f"/tmp/olr-bench-rate-{os.getpid()}.txt"
     trainer = TorchTrainer(
         ddp_train_func,
-        train_loop_config={"threads": threads, "batch": batch, "size": size, "width": width, "out": out},
+        train_loop_config={"threads": threads, "batch": batch, "size": size, "width": width, "out": out,
+                           "precision": precision},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
         datasets={"train": ds},
         run_config=ray.train.RunConfig(storage_path="/tmp/olr-bench"),
@@ -107,21 +114,36 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64, help="per step, per worker")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--precisions", default="bf16,fp32", help="comma-separated, each measured alike (default bf16,fp32)")
     args = p.parse_args()
+    precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
 
     from olr_ray.data import synthetic
+    from olr_ray.models.precision import bf16_native
 
     drawn = synthetic.generate(np.arange(args.n), size=args.size)
     images, labels = drawn["image"], drawn["labels"][:, :L]
     threads = os.cpu_count() or 1
-    plain_rate = plain(images, labels, args.batch_size, threads, args.size, args.width)
-    ddp_rate = ddp(images, labels, args.batch_size, args.workers, args.size, args.width)
-    print(json.dumps({
+    peaks = {pr: matmul_peak(threads, pr) for pr in precisions}  # before Ray holds the cores
+    flops = model_flops(_model(args.size, args.width), torch.from_numpy(images[:8]), train=True)
+    plain_rates = {pr: plain(images, labels, args.batch_size, threads, args.size, args.width, pr) for pr in precisions}
+    ddp_rates = {pr: ddp(images, labels, args.batch_size, args.workers, args.size, args.width, pr) for pr in precisions}
+    out = {
         "benchmark": "train_throughput", "model": "classifier", "n": args.n, "size": args.size,
         "batch_size_per_worker": args.batch_size, "workers": args.workers, "total_threads": threads,
-        "ray_ddp_images_per_s": round(ddp_rate, 1), "plain_images_per_s": round(plain_rate, 1),
-        "ratio": round(ddp_rate / plain_rate, 3),
-    }, indent=2))
+        "bf16_native": bf16_native("cpu"), "train_flops_per_image": flops,
+    }
+    for pr in precisions:
+        out[pr] = {
+            "ray_ddp_images_per_s": round(ddp_rates[pr], 1), "plain_images_per_s": round(plain_rates[pr], 1),
+            "ratio": round(ddp_rates[pr] / plain_rates[pr], 3), "machine_matmul_flops_per_s": round(peaks[pr]),
+            "ray_ddp_fraction_of_matmul": round(ddp_rates[pr] * flops / peaks[pr], 4),
+            "plain_fraction_of_matmul": round(plain_rates[pr] * flops / peaks[pr], 4),
+        }
+    if {"bf16", "fp32"} <= set(precisions):
+        for key in ("ray_ddp_images_per_s", "plain_images_per_s", "machine_matmul_flops_per_s"):
+            out[f"bf16_over_fp32_{key}"] = round(out["bf16"][key] / out["fp32"][key], 3)
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

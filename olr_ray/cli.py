@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--run-id", help="run folder name (default: timestamp and config hash); reuse it to resume")
     p.add_argument("--num-workers", type=int, help="Ray Train workers per training stage (0: in-process)")
     p.add_argument("--use-gpu", choices=["auto", "true", "false"], help="train and embed on GPUs (default auto)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="model compute precision (default auto: bf16 where the hardware runs it natively)")
     p.add_argument("--stages", help=f"comma-separated subset, run in pipeline order: {','.join(STAGES)}")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--dry-run", action="store_true",
@@ -67,6 +69,8 @@ def resolve(args: argparse.Namespace) -> tuple[PipelineConfig | None, list[str] 
         extra["num_workers"] = args.num_workers
     if args.use_gpu:
         extra["use_gpu"] = args.use_gpu
+    if args.precision:
+        extra["precision"] = args.precision
     stages, problems, cfg = None, [], None
     if args.stages:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]

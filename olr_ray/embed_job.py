@@ -82,7 +82,9 @@ def embed_images(model: str, data: str, output: str, num_workers: int = 2, use_g
     manifest = embed_dataset(images, output, trained.checkpoint("siamese"), trained.checkpoint("classifier"),
                              trained.label_names, trained.k, trained.manifest["run_id"], plan, batch_size,
                              rows_per_file, config=trained.config,
-                             extra={"source": data, "trained_run": model, "errors": errors})
+                             extra={"source": data, "trained_run": model, "errors": errors},
+                             # As the run embedded its own images, so both sets compare alike.
+                             precision=trained.stage("embed").get("precision") or trained.config.get("precision", "auto"))
     storage.delete_dir(prepared)
     if manifest["rows"] != sum(counts.values()):
         raise RuntimeError(f"committed {manifest['rows']} rows but {sum(counts.values())} images were readable")

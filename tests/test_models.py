@@ -238,3 +238,33 @@ def test_decoder_validation_draws_the_same_edits_every_epoch(tmp_path):
     assert again["val_loss"] == first["val_loss"]
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     assert torch.equal(task.random_edits(batch["embedding"], gen()), task.random_edits(batch["embedding"], gen()))
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
+def test_bf16_models_return_float32_close_to_fp32_and_learn(name):
+    """precision=bf16 runs the layers in bfloat16; what leaves the model (losses' input, embeddings) is float32."""
+    from olr_ray.models.precision import set_precision
+
+    torch.manual_seed(0)
+    model, x = _make(name, 32)
+    model.eval()
+    with torch.inference_mode():
+        ref = model(x)
+        low = set_precision(model, "bf16")(x)
+    assert low.dtype == torch.float32 and ref.dtype == torch.float32
+    assert not torch.equal(low, ref), "bf16 changed nothing: autocast did not run"
+    assert float((low - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+    model.train()
+    model(x).pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_precision_auto_follows_the_hardware_and_bad_values_are_named():
+    from olr_ray.models.precision import bf16_native, resolve_precision, set_precision
+
+    assert resolve_precision("auto", "cpu") == ("bf16" if bf16_native("cpu") else "fp32")
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="resolved precision"):
+        set_precision(_make("classifier", 32)[0], "auto")

@@ -11,6 +11,7 @@ import pytest
 
 from olr_ray.config import build_config
 from olr_ray.embeddings import NotCommittedError, embedding_schema, load_embeddings
+from olr_ray.models.precision import resolve_precision
 from olr_ray.pipeline import check_options_against_data, run_pipeline
 from olr_ray.run import Run
 from olr_ray.runtime import plan_resources
@@ -109,6 +110,12 @@ def test_metrics_are_the_committed_data_s(smoke):
     assert set(owners) | {f"timing.{s}_seconds" for s in STAGES} == set(metrics)
     for name, st in manifest["stages"].items():
         assert all(k.startswith(f"{name}.") for k in st.get("metric_keys", []) if name != "analysis"), name
+    # Every stage that runs a model says at which precision (auto: bf16 where this CPU computes it natively).
+    expected = resolve_precision("auto", "cpu")
+    assert {s: manifest["stages"][s]["precision"] for s in ("classifier", "siamese", "embed", "decoder", "analysis")} \
+        == dict.fromkeys(("classifier", "siamese", "embed", "decoder", "analysis"), expected)
+    assert json.load(open(os.path.join(smoke.uri, "embeddings", "manifest.json")))["precision"] == expected
+    assert emb.E.dtype == np.float32
 
 
 def test_a_stage_cannot_overwrite_another_stage_s_metric(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from olr_ray.models.nets import load_checkpoint
+from olr_ray.models.precision import resolve_precision, set_precision
 
 
 def inference_device(use_gpu: bool) -> torch.device:
@@ -18,16 +19,24 @@ def inference_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda")
 
 
-class ModelActor:
-    """Base of the Ray Data actors that run trained models: checkpoints loaded once per actor, on one device."""
+def actor_precision(setting: str, use_gpu: bool) -> str:
+    """``setting`` resolved on the device a model actor would get (run it as a Ray task with the actor's
+    resources, so the answer is the worker node's, not the driver's)."""
+    return resolve_precision(setting, inference_device(use_gpu))
 
-    def __init__(self, threads: int = 1, use_gpu: bool = False):
+
+class ModelActor:
+    """Base of the Ray Data actors that run trained models: checkpoints loaded once per actor, on one device,
+    at one precision (``auto``, ``bf16`` or ``fp32``, resolved on that device)."""
+
+    def __init__(self, threads: int = 1, use_gpu: bool = False, precision: str = "auto"):
         torch.set_num_threads(max(1, threads))
         self.device = inference_device(use_gpu)
+        self.precision = resolve_precision(precision, self.device)
 
     def load(self, uri: str) -> torch.nn.Module:
         model, _ = load_checkpoint(uri)
-        return model.to(self.device)
+        return set_precision(model.to(self.device), self.precision)
 
     def run(self, model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
         """``model`` on a uint8 NHWC batch, without gradients; the output stays on the device."""

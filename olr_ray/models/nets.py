@@ -49,7 +49,26 @@ def normalize_images(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-class Classifier(nn.Module):
+class Net(nn.Module):
+    """Base of the three models: ``forward`` is ``forward_head(forward_features(x))`` at the model's
+    ``precision``.
+
+    ``bf16`` runs both under bfloat16 autocast (:mod:`olr_ray.models.precision`) and returns float32,
+    so whatever takes the output (losses, dot products, SSIM, the committed embeddings) is float32.
+    ``precision`` is not saved with the weights: whoever runs a model sets it.
+    """
+
+    precision = "fp32"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precision != "bf16":
+            return self.forward_head(self.forward_features(x))
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = self.forward_head(self.forward_features(x))
+        return out.float()
+
+
+class Classifier(Net):
     """Multi-label CNN: L sigmoid outputs (``forward`` returns logits)."""
 
     def __init__(self, num_labels: int, image_size: int = 64, width: int = 32):
@@ -65,9 +84,6 @@ class Classifier(nn.Module):
         pooled = features.mean(dim=(2, 3))
         return pooled if pre_logits else self.head(pooled)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 ACTIVATIONS = ("relu", "abs", "relu_leaky_grad")
 
@@ -78,7 +94,7 @@ def relu_leaky_grad(x: torch.Tensor, slope: float = 0.1) -> torch.Tensor:
     return leaky + (F.relu(x) - leaky).detach()
 
 
-class SiameseEmbedder(nn.Module):
+class SiameseEmbedder(Net):
     """One branch of the Siamese network; both images share it.
 
     Shared conv trunk, then the label-specific layer of L*k feature maps (L groups of k),
@@ -123,7 +139,9 @@ class SiameseEmbedder(nn.Module):
         return self.trunk(normalize_images(x))
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        maps = self.label_layer(features)
+        # The label layer may run in bfloat16; its maps are pooled in float32, so the embedding keeps
+        # float32's resolution (bfloat16 holds about 3 significant digits).
+        maps = self.label_layer(features).float()
         if self.activation == "relu":
             pooled = F.relu(maps).mean(dim=(2, 3))
         elif self.activation == "relu_leaky_grad":
@@ -133,10 +151,6 @@ class SiameseEmbedder(nn.Module):
         if self.floor:
             pooled = pooled + self.floor
         return pooled if pre_logits else pooled.view(-1, self.num_labels, self.k)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings E of shape (N, L, k)."""
-        return self.forward_head(self.forward_features(x))
 
 
 def pair_dots(e1: torch.Tensor, e2: torch.Tensor, grad_floor: float = 0.0) -> torch.Tensor:
@@ -177,7 +191,7 @@ def decoder_geometry(image_size: int) -> tuple[int, int, int]:
     return best
 
 
-class Decoder(nn.Module):
+class Decoder(Net):
     """Reconstruction model after the paper's Table 1, scaled to the image size.
 
     Flatten -> Dense -> reshape (width, s0, s0) -> ConvTranspose/Conv stack -> 3 channels.
@@ -214,9 +228,6 @@ class Decoder(nn.Module):
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.net(features)
-
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(e))
 
     @staticmethod
     def rescale(x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from olr_ray.analysis.report import measurement_section, run_section, write_repo
 from olr_ray.data import synthetic
 from olr_ray.embeddings import Embeddings, load_embeddings
 from olr_ray.models import load_checkpoint
+from olr_ray.models.precision import resolve_precision, set_precision
 from olr_ray.run import Run, UsageError
 from olr_ray.runtime import ResourcePlan
 
@@ -253,11 +254,14 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         raise RuntimeError("test images and test embeddings disagree on uids")
     out.update(_pca(c, emb, test_images))
     # Each trained model is read once: for judging, re-embedding and its training curves.
+    precision = resolve_precision(run.cfg.precision, "cpu")  # the analysis runs its models here, in the driver
     (clf, clf_state), (siamese, siamese_state) = (load_checkpoint(run.stage(s)["checkpoint"])
                                                   for s in ("classifier", "siamese"))
+    set_precision(clf, precision), set_precision(siamese, precision)
     decoder_out = None
     if run.stage("decoder").get("checkpoint"):
         decoder, dstate = load_checkpoint(run.stage("decoder")["checkpoint"])
+        set_precision(decoder, precision)
         decoder_out = decoder.output_size
         x = decoder.target(test_images)
         rec_out, recall = _reconstruction(c, decoder, clf, x)
@@ -272,4 +276,4 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         c.figs[f"{stage.capitalize()} training"] = P.plot_training_curves(_curves(st.get("history", [])),
                                                                          c.fig(f"{stage}_curves.png"))
     run.record(NAME, out)
-    return {"figures": _publish(c, decoder_out), "report": run.path("report.md")}
+    return {"figures": _publish(c, decoder_out), "report": run.path("report.md"), "precision": precision}

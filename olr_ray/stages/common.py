@@ -13,4 +13,4 @@ def task_args(run: Run, plan: ResourcePlan, stage: str) -> dict[str, Any]:
     c = getattr(run.cfg, stage)
     return dict(name=stage, model_name=stage, label_names=run.data["label_names"], epochs=c.epochs,
                 batch_size=c.batch_size, lr=c.lr, seed=run.cfg.seed, threads=plan.threads_per_worker,
-                lr_schedule=c.lr_schedule, checkpoint_dir=run.path("checkpoints", stage))
+                lr_schedule=c.lr_schedule, precision=run.cfg.precision, checkpoint_dir=run.path("checkpoints", stage))

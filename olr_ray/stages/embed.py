@@ -14,7 +14,7 @@ import olr_ray
 from olr_ray import storage
 from olr_ray.analysis.metrics import norm_ratio, norm_ratios
 from olr_ray.embeddings import SCHEMA_VERSION, STAGING, commit, embedding_schema, file_metadata, load_embeddings, to_table, write_part
-from olr_ray.models.inference import ModelActor
+from olr_ray.models.inference import ModelActor, actor_precision
 from olr_ray.run import Run
 from olr_ray.runtime import ResourcePlan
 
@@ -30,8 +30,8 @@ class Embedder(ModelActor):
     """
 
     def __init__(self, siamese_uri: str, classifier_uri: str, metadata: dict[str, str], threads: int = 1,
-                 use_gpu: bool = False):
-        super().__init__(threads, use_gpu)
+                 use_gpu: bool = False, precision: str = "auto"):
+        super().__init__(threads, use_gpu, precision)
         self.siamese = self.load(siamese_uri)
         self.classifier = self.load(classifier_uri)
         self.schema = embedding_schema(json.loads(metadata["olr.label_names"]), self.siamese.k, metadata)
@@ -50,7 +50,7 @@ class Embedder(ModelActor):
 def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_uri: str, label_names: list[str],
                   k: int, run_id: str, plan: ResourcePlan, batch_size: int = 256, rows_per_file: int = 50_000,
                   config: dict[str, Any] | None = None, actors: int = 0,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  extra: dict[str, Any] | None = None, precision: str = "auto") -> dict[str, Any]:
     """Embed every row of ``images_ds`` and commit the result under ``embeddings_uri``.
 
     Args:
@@ -58,6 +58,8 @@ def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_u
         plan: the actor pool is sized from it so read tasks always keep a CPU.
         actors: the most inference actors (0: ``plan.actors``).
         extra: more fields for the manifest.
+        precision: of both models (``auto``, ``bf16``, ``fp32``), resolved on a worker with the actors'
+            resources; the manifest names the result.
 
     Returns:
         The committed manifest.
@@ -67,10 +69,13 @@ def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_u
     metadata = file_metadata(label_names, k, run_id, siamese_uri)
     staging = storage.join(embeddings_uri, STAGING, uuid.uuid4().hex[:12])
     actor_args: dict[str, Any] = {"num_gpus": 1} if plan.use_gpu else {"num_cpus": plan.task_cpus}
+    # Resolved once, where the actors will run, so every actor embeds at the one precision the manifest names.
+    precision = ray.get(ray.remote(actor_precision).options(**actor_args).remote(precision, plan.use_gpu))
     embedded = images_ds.map_batches(
         Embedder,
         fn_constructor_kwargs=dict(siamese_uri=siamese_uri, classifier_uri=classifier_uri, metadata=metadata,
-                                   threads=max(1, plan.threads_per_worker), use_gpu=plan.use_gpu),
+                                   threads=max(1, plan.threads_per_worker), use_gpu=plan.use_gpu,
+                                   precision=precision),
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors or plan.actors),
         batch_format="numpy",
@@ -89,7 +94,7 @@ def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_u
         "schema_version": SCHEMA_VERSION, "run_id": run_id, "model": siamese_uri, "classifier": classifier_uri, "label_names": label_names, "k": k,
         "schema": embedding_schema(label_names, k, metadata).to_string(show_schema_metadata=False),
         "olr_ray_version": olr_ray.__version__, "config": config or {},
-        "storage_retries": int(sum(int(r["retries"]) for r in rows)), **(extra or {}),
+        "storage_retries": int(sum(int(r["retries"]) for r in rows)), "precision": precision, **(extra or {}),
     }
     return commit(embeddings_uri, staging, parts, manifest)
 
@@ -120,7 +125,8 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     manifest = embed_dataset(
         images, run.path("embeddings"), run.stage("siamese")["checkpoint"], run.stage("classifier")["checkpoint"],
         info["label_names"], s.k, run.run_id, plan, run.cfg.embed.batch_size,
-        run.cfg.embed.rows_per_file, config=run.cfg.to_dict(), actors=run.cfg.embed.num_actors)
+        run.cfg.embed.rows_per_file, config=run.cfg.to_dict(), actors=run.cfg.embed.num_actors,
+        precision=run.cfg.precision)
     if manifest["rows"] != info["rows_ok"]:
         raise RuntimeError(f"embedding committed {manifest['rows']} rows but {info['rows_ok']} images were readable")
     emb = load_embeddings(run.path("embeddings"), columns=["uid", "split", "labels", "norms"])
@@ -129,4 +135,4 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     run.record(NAME, norm_metrics(emb.norms, emb.labels, emb.splits, info["label_names"],
                                   s.block_floor * np.sqrt(s.k)))
     return {"rows": manifest["rows"], "files": len(manifest["files"]), "uri": run.path("embeddings"),
-            "storage_retries": manifest.get("storage_retries", 0)}
+            "storage_retries": manifest.get("storage_retries", 0), "precision": manifest["precision"]}

@@ -26,13 +26,13 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
                        weight_decay=s.weight_decay, shuffle_buffer=None, **task_args(run, plan, NAME))
     cols = ["uid", "image", "labels"]
     train = run.read_images(["train"], plan, cols)
-    datasets = {f"pairs_{e}": pair_dataset(train, clf, run.cfg.seed, e, s, plan) for e in range(s.epochs)}
+    datasets = {f"pairs_{e}": pair_dataset(train, clf, run.cfg.seed, e, s, plan, precision=run.cfg.precision) for e in range(s.epochs)}
     val = run.read_images([run.eval_split()], plan, cols).limit(2 * s.val_pairs)
     # Validation pairs are fixed (epoch -1, no shuffle) so every epoch is measured on the same pairs.
     # Materialised once: re-running the pipeline (and starting a labelling actor) every epoch
     # cost ~10 s an epoch.
     datasets["valid"] = pair_dataset(val, clf, run.cfg.seed, -1, s, plan, shuffle=False,
-                                     label_pairs=False).materialize()
+                                     label_pairs=False, precision=run.cfg.precision).materialize()
     res = fit(task, datasets, plan, run.path("checkpoints"), run.cfg.max_failures,
               split=[f"pairs_{e}" for e in range(s.epochs)])
     m = res.metrics
@@ -44,4 +44,5 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         "siamese.epochs": m["epoch"],
     })
     return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"], "pairs_last_epoch": m["train_samples"],
-            "storage_retries": res.storage_retries}
+            "storage_retries": res.storage_retries,
+            "precision": res.precision}

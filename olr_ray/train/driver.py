@@ -28,6 +28,11 @@ class FitResult:
     history: list[dict[str, Any]]
 
     @property
+    def precision(self) -> str:
+        """The precision the training workers ran at (``bf16`` or ``fp32``), as rank 0 resolved it."""
+        return str(self.metrics.get("precision") or (self.history[-1].get("precision") if self.history else "fp32"))
+
+    @property
     def storage_retries(self) -> int:
         """Storage retries of rank 0 over every attempt of the stage, from its checkpoint history.
 

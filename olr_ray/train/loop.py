@@ -10,8 +10,8 @@ validates and writes the checkpoint.
 
 from __future__ import annotations
 
-import logging
 import io
+import logging
 import time
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 
 from olr_ray import storage
 from olr_ray.models import save_checkpoint
+from olr_ray.models.precision import resolve_precision, set_precision
 from olr_ray.runtime import seed_everything
 
 log = logging.getLogger("olr_ray.train")
@@ -80,7 +81,10 @@ def train_func(config: dict[str, Any]) -> None:
     torch.set_num_threads(task.threads)
     seed_everything(task.seed, rank)
 
-    model = task.build_model()
+    distributed = world > 1 or torch.cuda.is_available()
+    device = ray.train.torch.get_device() if distributed else torch.device("cpu")
+    task.precision = resolve_precision(task.precision, device)
+    model = set_precision(task.build_model(), task.precision)
     start_epoch, history = 0, []
     state = load_latest(task.checkpoint_dir)
     if state is not None:
@@ -88,8 +92,9 @@ def train_func(config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
             log.info("[%s] resuming after epoch %d from %s", task.name, state["epoch"] + 1, task.checkpoint_dir)
-    model = ray.train.torch.prepare_model(model) if world > 1 or torch.cuda.is_available() else model
-    device = ray.train.torch.get_device() if (world > 1 or torch.cuda.is_available()) else torch.device("cpu")
+    if rank == 0:
+        log.info("[%s] precision %s on %s", task.name, task.precision, device)
+    model = ray.train.torch.prepare_model(model) if distributed else model
     # The optimizer comes after the model is on its device: load_state_dict puts the saved moments on
     # the parameters' device as it loads, and a later move of the model would leave them on the CPU,
     # so a resumed GPU run would fail at its first step.
@@ -124,7 +129,7 @@ def train_func(config: dict[str, Any]) -> None:
             scheduler.step()
         train_loss = _all_mean(total / max(count, 1), count)
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "train_samples": count * world,
-                                   "lr": lr}
+                                   "lr": lr, "precision": task.precision}
         if state is not None:
             # This attempt resumed (a re-run, or a restart after a lost worker): say from where.
             metrics["resumed_after_epoch"] = state["epoch"] + 1

@@ -155,8 +155,9 @@ class PairLabeler(ModelActor):
 
     def __init__(self, classifier_uri: str, seed: int, epoch: int, target: str = "occlusion",
                  temperature: float = 2.0, lo: float = 0.33, hi: float = 0.66, fill: str = "zero",
-                 threads: int = 1, use_gpu: bool = False, prob: float = 1.0, label_share: float = 0.0):
-        super().__init__(threads, use_gpu)
+                 threads: int = 1, use_gpu: bool = False, prob: float = 1.0, label_share: float = 0.0,
+                 precision: str = "auto"):
+        super().__init__(threads, use_gpu, precision)
         self.model = self.load(classifier_uri)
         self.seed, self.epoch, self.target = seed, epoch, target
         self.temperature, self.lo, self.hi, self.fill, self.prob = temperature, lo, hi, fill, prob
@@ -191,7 +192,7 @@ class PairLabeler(ModelActor):
 
 
 def pair_dataset(base, classifier_uri: str, seed: int, epoch: int, cfg, plan, shuffle: bool = True,
-                 label_pairs: bool = True):
+                 label_pairs: bool = True, precision: str = "auto"):
     """The lazy pair pipeline for one epoch: shuffle, pair, occlude, label; nothing is materialised.
 
     Args:
@@ -200,6 +201,7 @@ def pair_dataset(base, classifier_uri: str, seed: int, epoch: int, cfg, plan, sh
         plan: :class:`olr_ray.runtime.ResourcePlan` sizing the actor pool.
         label_pairs: Apply ``cfg.label_pair_share``; False gives random pairs only (validation,
             so that dot R^2 measures the paper's objective whatever the training pairs were).
+        precision: the classifier's, resolved on each labelling actor's device.
     """
     import ray
 
@@ -212,7 +214,7 @@ def pair_dataset(base, classifier_uri: str, seed: int, epoch: int, cfg, plan, sh
             classifier_uri=classifier_uri, seed=seed, epoch=epoch, target=cfg.target,
             temperature=cfg.temperature, lo=cfg.occlusion_min, hi=cfg.occlusion_max,
             fill=cfg.occlusion_fill, threads=1, prob=cfg.occlusion_prob,
-            label_share=cfg.label_pair_share if label_pairs else 0.0,
+            label_share=cfg.label_pair_share if label_pairs else 0.0, precision=precision,
         ),
         batch_size=2 * cfg.labeler_batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),

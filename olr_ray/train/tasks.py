@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from olr_ray.analysis.metrics import norm_ratio
 from olr_ray.models import Decoder, create_model, load_checkpoint
 from olr_ray.models.nets import pair_dots, ssim_window
+from olr_ray.models.precision import resolve_precision, set_precision
 from olr_ray.train.pairs import random_occlusion
 
 
@@ -38,6 +39,8 @@ class BaseTask:
     """``constant`` or ``cosine`` (per-epoch cosine decay to 0 over ``epochs``)."""
     checkpoint_dir: str = ""
     """``<run>/checkpoints/<stage>``: where each epoch's checkpoint and ``latest.json`` go."""
+    precision: str = "auto"
+    """``auto``, ``bf16`` or ``fp32``; the training loop resolves it on the worker's device."""
 
     def build_model(self) -> torch.nn.Module:
         return create_model(self.model_name, **self.model_args)
@@ -202,7 +205,7 @@ class DecoderTask(BaseTask):
         cache = self.__dict__.setdefault("_frozen_models", {})
         if uri not in cache:
             net, _ = load_checkpoint(uri)
-            cache[uri] = net.eval().requires_grad_(False)
+            cache[uri] = set_precision(net.eval().requires_grad_(False), resolve_precision(self.precision, device))
         return cache[uri].to(device)
 
     @staticmethod
