@@ -27,6 +27,8 @@ log = logging.getLogger("olr_ray")
 
 
 # Options that change how a run is carried out, not what it computes: a resume may change them.
+# The most of Ray's object store a stage may fill with a cached split (Run.read_images(cache=True)).
+CACHE_SHARE = 0.2
 RESULT_NEUTRAL = ("num_workers", "use_gpu", "max_failures", "embed.batch_size", "embed.num_actors")
 # Options of the analysis alone: a resume that changes them runs the analysis again.
 ANALYSIS_ONLY = "analysis."
@@ -196,9 +198,29 @@ class Run:
         """Validation split for per-epoch metrics: ``valid`` when the data has one, else ``test``."""
         return "valid" if self.data.get("splits", {}).get("valid") else "test"
 
-    def read_images(self, splits: list[str] | None, plan: ResourcePlan, columns: list[str] | None = None):
-        """The prepared images of some splits as a Ray Dataset (read tasks ask for ``plan.task_cpus``)."""
+    def read_images(self, splits: list[str] | None, plan: ResourcePlan, columns: list[str] | None = None,
+                    cache: bool = False):
+        """The prepared images of some splits as a Ray Dataset (read tasks ask for ``plan.task_cpus``).
+
+        ``cache``: read them once into Ray's object store when they take at most ``CACHE_SHARE`` of it, so a
+        stage that passes over them every epoch does not read and decode the Parquet files again each time
+        (on the demo that was a third of each classifier epoch); larger splits stream from storage every pass.
+        """
         dirs = self.split_dirs(splits)
         if not dirs:
             raise RuntimeError(f"run {self.run_id}: no prepared images for splits {splits} under {self.path('data')}")
-        return read_prepared(dirs, plan, columns)
+        ds = read_prepared(dirs, plan, columns)
+        if cache:
+            import ray
+
+            counts = self.data.get("splits", {})
+            rows = sum(counts.get(s, 0) for s in (splits or counts))
+            need = rows * (3 * int(self.data.get("image_size", 0)) ** 2 + 512)  # pixels, labels and ids
+            store = float(ray.cluster_resources().get("object_store_memory", 0))
+            if need <= CACHE_SHARE * store:
+                log.info("%s: %d images (%.0f MB) read once into the object store", ",".join(splits or counts),
+                         rows, need / 1e6)
+                return ds.materialize()
+            log.info("%s: %d images (%.0f MB) stream from storage every pass: over %.0f%% of the object store "
+                     "(%.0f MB)", ",".join(splits or counts), rows, need / 1e6, 100 * CACHE_SHARE, store / 1e6)
+        return ds

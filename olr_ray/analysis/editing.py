@@ -35,9 +35,11 @@ def classify_reconstruction(classifier, rec: torch.Tensor, size: int) -> np.ndar
     return torch.sigmoid(batched(classifier, as_stored(rec, size))).numpy()
 
 
-def reembed(siamese, rec: torch.Tensor, size: int) -> np.ndarray:
-    """The Siamese network's embeddings of decoded images (resized and quantised as stored), (N, L, k)."""
-    return batched(siamese, as_stored(rec, size)).numpy()
+def judge_decoded(classifier, siamese, rec: torch.Tensor, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded images (resized and quantised as stored, once) read by both judges: the classifier's
+    probabilities (N, L) and the Siamese network's embeddings (N, L, k)."""
+    stored = as_stored(rec, size)
+    return torch.sigmoid(batched(classifier, stored)).numpy(), batched(siamese, stored).numpy()
 
 
 def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], E0: np.ndarray,

@@ -6,9 +6,11 @@ figures, and the trained models for decoding and editing) and written to ``metri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +58,15 @@ class _Context:
     train: Embeddings
     test: Embeddings
     tmp: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="olr-analysis-"))
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds each part took (manifest ``stages.analysis.seconds``)."""
+
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[part] = round(time.perf_counter() - t0, 2)
+        log.info("analysis: %s done in %.1f s", part, self.seconds[part])
     figs: dict[str, str] = field(default_factory=dict)
 
     def fig(self, name: str) -> str:
@@ -76,8 +87,9 @@ def read_split_images(run: Run, plan: ResourcePlan, split: str) -> tuple[np.ndar
 def _probe(c: _Context) -> tuple[dict[str, Any], dict[str, Any]]:
     """Linear probe vs the classifier (its committed probabilities), on the same test images."""
     cfg = c.run.cfg
+    # Every core of the driver: the analysis runs alone there (11 s against 16 s on one thread, demo).
     probe = M.linear_probe(c.train.E, c.train.labels, c.test.E, c.test.labels, epochs=cfg.analysis.probe_epochs,
-                           seed=cfg.seed)
+                           seed=cfg.seed, num_threads=None)
     clf_acc = M.mean_accuracy(c.test.probs, c.test.labels)
     return probe, {
         "probe.test_mean_accuracy": probe["test_mean_accuracy"],
@@ -181,8 +193,8 @@ def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch
 
     def judge(E: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rec = editing.batched(decoder.reconstruct, torch.from_numpy(E))
-        return (editing.classify_reconstruction(clf, rec, c.size),
-                M.probe_predict(probe, editing.reembed(siamese, rec, c.size)))
+        probs, reembedded = editing.judge_decoded(clf, siamese, rec, c.size)
+        return probs, M.probe_predict(probe, reembedded)
 
     out, add_by_label, rem_by_label = editing.edit_success(judge, E0, g, c.names, cfg.edit_scales, seed)
     d = run.cfg.decoder
@@ -247,14 +259,18 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     emb = load_embeddings(run.path("embeddings"))
     c = _Context(run, run.data["label_names"], run.data["image_size"], emb.select(emb.splits == "train"),
                  emb.select(emb.splits == "test"))
-    probe, out = _probe(c)
-    out.update(_correlation(c, emb))
-    test_uids, test_images = read_split_images(run, plan, "test")
+    with c.timed("probe"):
+        probe, out = _probe(c)
+    with c.timed("correlation"):
+        out.update(_correlation(c, emb))
+    with c.timed("test_images"):
+        test_uids, test_images = read_split_images(run, plan, "test")
     if not np.array_equal(test_uids, c.test.uids):
         raise RuntimeError("test images and test embeddings disagree on uids")
-    out.update(_pca(c, emb, test_images))
-    # Each trained model is read once: for judging, re-embedding and its training curves.
+    with c.timed("pca"):
+        out.update(_pca(c, emb, test_images))
     precision = resolve_precision(run.cfg.precision, "cpu")  # the analysis runs its models here, in the driver
+    # Each trained model is read once: for judging, re-embedding and its training curves.
     (clf, clf_state), (siamese, siamese_state) = (load_checkpoint(run.stage(s)["checkpoint"])
                                                   for s in ("classifier", "siamese"))
     set_precision(clf, precision), set_precision(siamese, precision)
@@ -264,16 +280,21 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         set_precision(decoder, precision)
         decoder_out = decoder.output_size
         x = decoder.target(test_images)
-        rec_out, recall = _reconstruction(c, decoder, clf, x)
+        with c.timed("reconstruction"):
+            rec_out, recall = _reconstruction(c, decoder, clf, x)
         out.update(rec_out)
         c.figs["Decoder training"] = P.plot_training_curves(_curves(dstate.get("history", [])),
                                                             c.fig("decoder_curves.png"))
-        out.update(_editing(c, decoder, clf, siamese, probe, x, test_images, recall))
+        with c.timed("editing"):
+            out.update(_editing(c, decoder, clf, siamese, probe, x, test_images, recall))
     if run.data.get("kind") == "synthetic" and run.cfg.analysis.disentangle_faces > 0:
-        out.update(editing.disentanglement(siamese, c.names, c.size, run.cfg.analysis.disentangle_faces,
-                                           run.cfg.seed))
+        with c.timed("disentanglement"):
+            out.update(editing.disentanglement(siamese, c.names, c.size, run.cfg.analysis.disentangle_faces,
+                                               run.cfg.seed))
     for stage, st in (("classifier", clf_state), ("siamese", siamese_state)):
         c.figs[f"{stage.capitalize()} training"] = P.plot_training_curves(_curves(st.get("history", [])),
                                                                          c.fig(f"{stage}_curves.png"))
     run.record(NAME, out)
-    return {"figures": _publish(c, decoder_out), "report": run.path("report.md"), "precision": precision}
+    with c.timed("report"):
+        figures = _publish(c, decoder_out)
+    return {"figures": figures, "report": run.path("report.md"), "precision": precision, "seconds": c.seconds}

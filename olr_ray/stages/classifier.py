@@ -25,7 +25,7 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     # Validation and test sets are read once and kept in the object store: rank 0 evaluates on
     # them every epoch, and re-reading them cost ~7 s an epoch on the demo.
     datasets = {
-        "train": run.read_images(["train"], plan, cols),
+        "train": run.read_images(["train"], plan, cols, cache=True),
         "valid": run.read_images([run.eval_split()], plan, cols).materialize(),
         "test": run.read_images(["test"], plan, cols).materialize(),
     }

@@ -25,7 +25,7 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
                        init_trunk_from=clf if s.init_from_classifier else "", grad_floor=s.grad_floor,
                        weight_decay=s.weight_decay, shuffle_buffer=None, **task_args(run, plan, NAME))
     cols = ["uid", "image", "labels"]
-    train = run.read_images(["train"], plan, cols)
+    train = run.read_images(["train"], plan, cols, cache=True)
     datasets = {f"pairs_{e}": pair_dataset(train, clf, run.cfg.seed, e, s, plan, precision=run.cfg.precision) for e in range(s.epochs)}
     val = run.read_images([run.eval_split()], plan, cols).limit(2 * s.val_pairs)
     # Validation pairs are fixed (epoch -1, no shuffle) so every epoch is measured on the same pairs.

@@ -113,9 +113,15 @@ def train_func(config: dict[str, Any]) -> None:
         t0 = time.time()
         model.train()
         shard = ray.train.get_dataset_shard(task.train_dataset(epoch))
-        total, count = 0.0, 0
-        for batch in shard.iter_torch_batches(batch_size=task.batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=task.shuffle_buffer):
+        total, count, wait = 0.0, 0, 0.0
+        batches = iter(shard.iter_torch_batches(batch_size=task.batch_size, drop_last=True,
+                                                local_shuffle_buffer_size=task.shuffle_buffer))
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)  # the time spent here is the data pipeline's, not the model's
+            wait += time.perf_counter() - t_wait
+            if batch is None:
+                break
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             loss = task.loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -124,6 +130,7 @@ def train_func(config: dict[str, Any]) -> None:
             n = len(next(iter(batch.values())))
             total += float(loss.detach()) * n
             count += n
+        train_seconds = time.time() - t0
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
@@ -135,9 +142,12 @@ def train_func(config: dict[str, Any]) -> None:
             metrics["resumed_after_epoch"] = state["epoch"] + 1
         if rank == 0:
             model.eval()
+            t_val = time.time()
             with torch.inference_mode():
                 metrics.update(task.validate(getattr(model, "module", model), device, final=epoch + 1 == task.epochs))
-            metrics["epoch_seconds"] = time.time() - t0
+            # Where the epoch went (rank 0): waiting for batches, the training steps, validation.
+            metrics.update(epoch_seconds=time.time() - t0, data_wait_seconds=wait, step_seconds=train_seconds - wait,
+                           validate_seconds=time.time() - t_val)
             history.append(metrics)
             log.info("[%s] epoch %d/%d %s", task.name, epoch + 1, task.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
