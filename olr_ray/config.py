@@ -269,7 +269,7 @@ class PipelineConfig:
     """Compute precision of every model (training, pair labelling, embedding, analysis): bf16 runs the
     models' layers under bfloat16 autocast, with losses, dot products, SSIM and the committed embeddings
     in float32. auto: bf16 on hardware that computes it natively (GPUs from Ampere, CPUs with AVX-512-BF16
-    or AMX), fp32 elsewhere; each stage's choice is in the manifest (docs/precision.md)."""
+    or AMX), fp32 elsewhere; each stage's choice is in the manifest (docs/speed.md)."""
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     siamese: SiameseConfig = field(default_factory=SiameseConfig)

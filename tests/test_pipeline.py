@@ -431,3 +431,45 @@ def test_resume_follows_what_changes_results(smoke):
         ["embed.batch_size", "num_workers"], ["analysis.edit_images"]]
     assert "edit_images: 8" in open(os.path.join(smoke.uri, "config.yaml")).read()
     assert again.metrics["probe.test_mean_accuracy"] == pytest.approx(smoke.metrics["probe.test_mean_accuracy"])
+
+
+def test_a_split_is_kept_in_the_object_store_only_when_it_fits(smoke, monkeypatch, caplog):
+    """Epoch after epoch the classifier and the Siamese pairs read the train split; a small one is read once,
+    one that would crowd the object store streams from storage every pass."""
+    from ray.data import MaterializedDataset
+
+    import olr_ray.run as run_module
+
+    run = Run.open(smoke.cfg, os.path.dirname(smoke.uri), "smoke", STAGES)
+    plan = plan_resources(2, "false")
+    cached = run.read_images(["train"], plan, ["uid", "image"], cache=True)
+    assert isinstance(cached, MaterializedDataset) and cached.count() == smoke.stage("data")["splits"]["train"]
+    monkeypatch.setattr(run_module, "CACHE_SHARE", 1e-9)
+    with caplog.at_level("INFO", logger="olr_ray"):
+        streamed = run.read_images(["train"], plan, ["uid", "image"], cache=True)
+    assert not isinstance(streamed, MaterializedDataset)
+    assert "stream from storage every pass" in caplog.text
+    assert streamed.count() == cached.count()
+
+
+def test_decoder_pairs_each_image_with_its_own_embedding_and_refuses_a_missing_one(smoke):
+    """The decoder trains on (image, embedding) pairs looked up by uid: each image gets its committed row,
+    and an image with no committed embedding stops the stage instead of being dropped."""
+    import ray
+
+    from olr_ray.stages.analysis import read_split_images
+    from olr_ray.stages.decoder import _attach_embeddings, embedding_image_pairs
+
+    run = Run.open(smoke.cfg, os.path.dirname(smoke.uri), "smoke", STAGES)
+    emb = load_embeddings(os.path.join(smoke.uri, "embeddings"), split="test")
+    rows = embedding_image_pairs(run, plan_resources(2, "false"), "test", limit=5).take_all()
+    assert len(rows) == 5
+    assert {int(r["uid"]) for r in rows} == set(emb.uids[:5].tolist())  # the first rows by uid
+    by_uid = dict(zip(emb.uids.tolist(), emb.E.reshape(len(emb), -1)))
+    images = dict(zip(*read_split_images(run, plan_resources(2, "false"), "test")))
+    for r in rows:
+        np.testing.assert_array_equal(r["embedding"], by_uid[int(r["uid"])])
+        np.testing.assert_array_equal(r["image"], images[int(r["uid"])])
+    table = ray.put((emb.uids[1:], emb.E[1:].reshape(len(emb) - 1, -1), emb.labels[1:]))
+    with pytest.raises(RuntimeError, match=rf"1 prepared image\(s\) have no committed embedding \(uid {emb.uids[0]}"):
+        _attach_embeddings({"uid": emb.uids[:3], "image": np.zeros((3, 2, 2, 3), np.uint8)}, table)

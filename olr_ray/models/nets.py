@@ -221,10 +221,13 @@ class Decoder(Net):
         layers[-2] = nn.Conv2d(channels, max(channels // 2, 4), 3, 1, 1)
         layers += [nn.Conv2d(max(channels // 2, 4), 3, 3, 1, 1)]
         self.net = nn.Sequential(*layers)
+        # Channels-last weights and maps: oneDNN's convolutions take them without a reorder at every layer
+        # (a training step 1.18x faster in bf16 on CPU, 1.09x in fp32; docs/speed.md). Loaded weights keep it.
+        self.net.to(memory_format=torch.channels_last)
 
     def forward_features(self, e: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.dense(e.flatten(1)))
-        return x.view(-1, self.width, self.start, self.start)
+        return x.view(-1, self.width, self.start, self.start).contiguous(memory_format=torch.channels_last)
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.net(features)

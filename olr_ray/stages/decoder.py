@@ -39,7 +39,7 @@ def _attach_embeddings(batch: dict[str, np.ndarray], table) -> dict[str, np.ndar
     if missing.any():
         raise RuntimeError(f"{int(missing.sum())} prepared image(s) have no committed embedding "
                            f"(uid {int(batch['uid'][missing][0])}, ...): re-run the embed stage")
-    return {"embedding": E[at], "labels": labels[at], "image": batch["image"]}
+    return {"uid": batch["uid"], "embedding": E[at], "labels": labels[at], "image": batch["image"]}
 
 
 def embedding_image_pairs(run: Run, plan: ResourcePlan, split: str, limit: int | None = None):
