@@ -268,3 +268,21 @@ def test_precision_auto_follows_the_hardware_and_bad_values_are_named():
         resolve_precision("fp16", "cpu")
     with pytest.raises(ValueError, match="resolved precision"):
         set_precision(_make("classifier", 32)[0], "auto")
+
+
+@pytest.mark.parametrize("name", ["classifier", "siamese"])
+def test_batchnorm_folded_for_inference_gives_the_same_outputs(name):
+    from olr_ray.models.inference import for_inference
+
+    torch.manual_seed(0)
+    model, x = _make(name, 32)
+    model.train()
+    model(x)  # running statistics away from their initial 0/1
+    model.eval()
+    with torch.inference_mode():
+        ref = model(x)
+        fused = for_inference(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        _make(name, 32)[0].train().trunk.fuse_batchnorm()

@@ -19,6 +19,15 @@ def inference_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda")
 
 
+def for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """A loaded model (eval mode) made ready for inference only: its trunk's BatchNorms folded into its
+    convolutions. Its outputs match the unfused model's to float rounding; it can no longer be trained."""
+    trunk = getattr(model, "trunk", None)
+    if trunk is not None and hasattr(trunk, "fuse_batchnorm"):
+        trunk.fuse_batchnorm()
+    return model
+
+
 def actor_precision(setting: str, use_gpu: bool) -> str:
     """``setting`` resolved on the device a model actor would get (run it as a Ray task with the actor's
     resources, so the answer is the worker node's, not the driver's)."""
@@ -36,7 +45,7 @@ class ModelActor:
 
     def load(self, uri: str) -> torch.nn.Module:
         model, _ = load_checkpoint(uri)
-        return set_precision(model.to(self.device), self.precision)
+        return set_precision(for_inference(model).to(self.device), self.precision)
 
     def run(self, model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
         """``model`` on a uint8 NHWC batch, without gradients; the output stays on the device."""

@@ -41,6 +41,18 @@ class ConvTrunk(nn.Sequential):
         super().__init__(*layers)
         self.out_channels = ci
 
+    def fuse_batchnorm(self) -> "ConvTrunk":
+        """For inference only: each BatchNorm folded into the convolution before it (the same function, one
+        pass over the maps fewer; BatchNorm was a fifth of the classifier's inference time on CPU)."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        if self.training:
+            raise RuntimeError("fuse_batchnorm folds the running statistics: call it on a model in eval mode")
+        for i in range(len(self) - 1):
+            if isinstance(self[i], nn.Conv2d) and isinstance(self[i + 1], nn.BatchNorm2d):
+                self[i], self[i + 1] = fuse_conv_bn_eval(self[i], self[i + 1]), nn.Identity()
+        return self
+
 
 def normalize_images(x: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC (as stored) -> float NCHW in [-1, 1]; float NCHW passes through."""

@@ -25,6 +25,7 @@ from olr_ray.analysis.report import measurement_section, run_section, write_repo
 from olr_ray.data import synthetic
 from olr_ray.embeddings import Embeddings, load_embeddings
 from olr_ray.models import load_checkpoint
+from olr_ray.models.inference import for_inference
 from olr_ray.models.precision import resolve_precision, set_precision
 from olr_ray.run import Run, UsageError
 from olr_ray.runtime import ResourcePlan
@@ -273,7 +274,7 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     # Each trained model is read once: for judging, re-embedding and its training curves.
     (clf, clf_state), (siamese, siamese_state) = (load_checkpoint(run.stage(s)["checkpoint"])
                                                   for s in ("classifier", "siamese"))
-    set_precision(clf, precision), set_precision(siamese, precision)
+    set_precision(for_inference(clf), precision), set_precision(for_inference(siamese), precision)
     decoder_out = None
     if run.stage("decoder").get("checkpoint"):
         decoder, dstate = load_checkpoint(run.stage("decoder")["checkpoint"])
