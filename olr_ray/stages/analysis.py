@@ -88,9 +88,10 @@ def read_split_images(run: Run, plan: ResourcePlan, split: str) -> tuple[np.ndar
 def _probe(c: _Context) -> tuple[dict[str, Any], dict[str, Any]]:
     """Linear probe vs the classifier (its committed probabilities), on the same test images."""
     cfg = c.run.cfg
-    # Every core of the driver: the analysis runs alone there (11 s against 16 s on one thread, demo).
+    # One thread (linear_probe's default): two took 11 s against 16 s on an idle machine, but 161 s while
+    # another job shared its 2 cores (OpenMP spinning), so the probe stays on one.
     probe = M.linear_probe(c.train.E, c.train.labels, c.test.E, c.test.labels, epochs=cfg.analysis.probe_epochs,
-                           seed=cfg.seed, num_threads=None)
+                           seed=cfg.seed)
     clf_acc = M.mean_accuracy(c.test.probs, c.test.labels)
     return probe, {
         "probe.test_mean_accuracy": probe["test_mean_accuracy"],
