@@ -312,7 +312,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decoder": {"epochs": 1, "batch_size": 32, "width": 32, "channels": 8},
         "analysis": {"probe_epochs": 50, "edit_images": 16, "disentangle_faces": 32},
     },
-    # The default: synthetic 64x64, 20,000 images, about 25 minutes on 2 cores (editing add success: see README).
+    # The default: synthetic 64x64, 20,000 images, about 12 minutes on 2 cores with bf16 (docs/speed.md).
     "demo": {},
     # The paper's method exactly on CelebA (PAPER_METHOD over CELEBA_SCALE).
     "paper": {},
