@@ -436,7 +436,7 @@ def test_resume_follows_what_changes_results(smoke):
 def test_a_split_is_kept_in_the_object_store_only_when_it_fits(smoke, monkeypatch, caplog):
     """Epoch after epoch the classifier and the Siamese pairs read the train split; a small one is read once,
     one that would crowd the object store streams from storage every pass."""
-    from ray.data import MaterializedDataset
+    from ray.data.dataset import MaterializedDataset
 
     import olr_ray.run as run_module
 
