@@ -24,8 +24,8 @@ from olr_ray import storage
 from olr_ray.analysis import metrics as M
 from olr_ray.analysis import plots as P
 from olr_ray.embeddings import EmbeddingSet
-from olr_ray.models import load_checkpoint
-from olr_ray.models.precision import resolve_precision, set_precision
+from olr_ray.models.inference import load_for_inference
+from olr_ray.models.precision import resolve_precision
 from olr_ray.run import UsageError
 from olr_ray.trained import TrainedRun
 
@@ -78,8 +78,8 @@ def edit(run_uri: str, image_ids: list[str], add: list[str] = (), remove: list[s
     for label in add:
         if g["empty"][names.index(label)]:
             raise UsageError(f"--add {label}: no training image has it, so there is nothing to sample")
-    decoder, _ = load_checkpoint(run.checkpoint("decoder"))
-    set_precision(decoder, resolve_precision(run.config.get("precision", "auto"), "cpu"))
+    precision = resolve_precision(run.config.get("precision", "auto"), "cpu")
+    decoder, _ = load_for_inference(run.checkpoint("decoder"), precision)
     decode = lambda E: decoder.reconstruct(torch.from_numpy(E)).numpy()  # noqa: E731
     changes = [(f"+{l}", names.index(l), "add") for l in add] + [(f"-{l}", names.index(l), "remove") for l in remove]
     with torch.inference_mode():

@@ -26,10 +26,10 @@ from olr_ray.runtime import ResourcePlan
 log = logging.getLogger("olr_ray")
 
 
-# Options that change how a run is carried out, not what it computes: a resume may change them.
 # The most of Ray's object store a stage may fill with a cached split (Run.read_images(cache=True)).
 # OLR_CACHE_SHARE=0 turns the cache off.
 CACHE_SHARE = float(os.environ.get("OLR_CACHE_SHARE", "0.2"))
+# Options that change how a run is carried out, not what it computes: a resume may change them.
 RESULT_NEUTRAL = ("num_workers", "use_gpu", "max_failures", "embed.batch_size", "embed.num_actors")
 # Options of the analysis alone: a resume that changes them runs the analysis again.
 ANALYSIS_ONLY = "analysis."

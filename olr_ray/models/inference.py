@@ -28,6 +28,14 @@ def for_inference(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def load_for_inference(uri: str, precision: str, device: torch.device | str = "cpu"
+                       ) -> tuple[torch.nn.Module, dict]:
+    """A trained checkpoint ready to run: BatchNorm folded (:func:`for_inference`), on ``device``, at a resolved
+    ``precision``; with the checkpoint dict (its training history, say)."""
+    model, state = load_checkpoint(uri)
+    return set_precision(for_inference(model).to(device), precision), state
+
+
 def actor_precision(setting: str, use_gpu: bool) -> str:
     """``setting`` resolved on the device a model actor would get (run it as a Ray task with the actor's
     resources, so the answer is the worker node's, not the driver's)."""
@@ -44,8 +52,7 @@ class ModelActor:
         self.precision = resolve_precision(precision, self.device)
 
     def load(self, uri: str) -> torch.nn.Module:
-        model, _ = load_checkpoint(uri)
-        return set_precision(for_inference(model).to(self.device), self.precision)
+        return load_for_inference(uri, self.precision, self.device)[0]
 
     def run(self, model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
         """``model`` on a uint8 NHWC batch, without gradients; the output stays on the device."""

@@ -24,9 +24,8 @@ from olr_ray.analysis import plots as P
 from olr_ray.analysis.report import measurement_section, run_section, write_report
 from olr_ray.data import synthetic
 from olr_ray.embeddings import Embeddings, load_embeddings
-from olr_ray.models import load_checkpoint
-from olr_ray.models.inference import for_inference
-from olr_ray.models.precision import resolve_precision, set_precision
+from olr_ray.models.inference import load_for_inference
+from olr_ray.models.precision import resolve_precision
 from olr_ray.run import Run, UsageError
 from olr_ray.runtime import ResourcePlan
 
@@ -273,13 +272,11 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         out.update(_pca(c, emb, test_images))
     precision = resolve_precision(run.cfg.precision, "cpu")  # the analysis runs its models here, in the driver
     # Each trained model is read once: for judging, re-embedding and its training curves.
-    (clf, clf_state), (siamese, siamese_state) = (load_checkpoint(run.stage(s)["checkpoint"])
+    (clf, clf_state), (siamese, siamese_state) = (load_for_inference(run.stage(s)["checkpoint"], precision)
                                                   for s in ("classifier", "siamese"))
-    set_precision(for_inference(clf), precision), set_precision(for_inference(siamese), precision)
     decoder_out = None
     if run.stage("decoder").get("checkpoint"):
-        decoder, dstate = load_checkpoint(run.stage("decoder")["checkpoint"])
-        set_precision(decoder, precision)
+        decoder, dstate = load_for_inference(run.stage("decoder")["checkpoint"], precision)
         decoder_out = decoder.output_size
         x = decoder.target(test_images)
         with c.timed("reconstruction"):

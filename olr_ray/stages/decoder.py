@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from olr_ray.analysis.metrics import fit_label_gaussians
-from olr_ray.embeddings import load_embeddings
+from olr_ray.embeddings import Embeddings, load_embeddings
 from olr_ray.run import Run
 from olr_ray.runtime import ResourcePlan
 from olr_ray.stages.common import task_args
@@ -42,18 +42,24 @@ def _attach_embeddings(batch: dict[str, np.ndarray], table) -> dict[str, np.ndar
     return {"uid": batch["uid"], "embedding": E[at], "labels": labels[at], "image": batch["image"]}
 
 
-def embedding_image_pairs(run: Run, plan: ResourcePlan, split: str, limit: int | None = None):
+def split_embeddings(run: Run, split: str) -> Embeddings:
+    """The committed embeddings and labels of one split, uid-sorted."""
+    return load_embeddings(run.path("embeddings"), columns=["labels", "embedding"], split=split)
+
+
+def embedding_image_pairs(run: Run, plan: ResourcePlan, split: str, limit: int | None = None,
+                          emb: Embeddings | None = None):
     """Ray Dataset of (embedding, labels, image) for one split: the prepared images, each given its committed
     embedding by uid.
 
-    The split's embeddings (N x L x k float32: 92 MB on the demo, about 1 GB for CelebA's train split, which
-    the decoder stage reads anyway for its edit Gaussians) go into the object store once and every task
-    looks its rows up there; a Ray Data hash join of the two took 28 s on the demo against a 130 s epoch.
+    The split's embeddings (``emb``, read here when not given; N x L x k float32: 92 MB on the demo, about
+    1 GB for CelebA's train split) go into the object store once and every task looks its rows up there; a
+    Ray Data hash join of the two took 28 s on the demo against a 130 s epoch.
     """
     import ray
     from ray.data.expressions import col
 
-    emb = load_embeddings(run.path("embeddings"), columns=["labels", "embedding"], split=split)
+    emb = emb if emb is not None else split_embeddings(run, split)
     uids, E, labels = emb.uids, emb.E.reshape(len(emb), -1), emb.labels
     img = run.read_images([split], plan, ["uid", "image"])
     if limit:
@@ -65,10 +71,9 @@ def embedding_image_pairs(run: Run, plan: ResourcePlan, split: str, limit: int |
                            num_cpus=plan.task_cpus)
 
 
-def edit_distributions(run: Run) -> tuple[np.ndarray, np.ndarray]:
+def edit_distributions(train: Embeddings) -> tuple[np.ndarray, np.ndarray]:
     """Per-label Gaussians of the training embeddings, as the analysis fits them for editing:
     (L, k) means and (L, k, k) Cholesky factors, zeros for a label no training image has."""
-    train = load_embeddings(run.path("embeddings"), columns=["labels", "embedding"], split="train")
     g = fit_label_gaussians(train.E, train.labels)
     chol = np.zeros_like(g["cov"])
     for l in np.flatnonzero(~g["empty"]):
@@ -84,11 +89,12 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         optimizer=d.optimizer, alpha=d.alpha, label_weight=d.label_weight,
         classifier_uri=run.stage("classifier")["checkpoint"], edit_weight=d.edit_weight,
         siamese_uri=run.stage("siamese")["checkpoint"], **task_args(run, plan, NAME))
+    train = split_embeddings(run, "train")  # read once: for the edit Gaussians and the training pairs
     if d.edit_weight > 0:
-        task.edit_mean, task.edit_chol = edit_distributions(run)
+        task.edit_mean, task.edit_chol = edit_distributions(train)
     datasets = {
-        # Joined once and kept in the object store: re-joining every epoch costs more than the epoch.
-        "train": embedding_image_pairs(run, plan, "train").materialize(),
+        # Paired once and kept in the object store: pairing every epoch would re-read the images each time.
+        "train": embedding_image_pairs(run, plan, "train", emb=train).materialize(),
         "valid": embedding_image_pairs(run, plan, run.eval_split(), limit=512).materialize(),
     }
     res = fit(task, datasets, plan, run.path("checkpoints"), run.cfg.max_failures)

@@ -26,7 +26,8 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
                        weight_decay=s.weight_decay, shuffle_buffer=None, **task_args(run, plan, NAME))
     cols = ["uid", "image", "labels"]
     train = run.read_images(["train"], plan, cols, cache=True)
-    datasets = {f"pairs_{e}": pair_dataset(train, clf, run.cfg.seed, e, s, plan, precision=run.cfg.precision) for e in range(s.epochs)}
+    datasets = {f"pairs_{e}": pair_dataset(train, clf, run.cfg.seed, e, s, plan, precision=run.cfg.precision)
+                for e in range(s.epochs)}
     val = run.read_images([run.eval_split()], plan, cols).limit(2 * s.val_pairs)
     # Validation pairs are fixed (epoch -1, no shuffle) so every epoch is measured on the same pairs.
     # Materialised once: re-running the pipeline (and starting a labelling actor) every epoch
@@ -44,5 +45,4 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         "siamese.epochs": m["epoch"],
     })
     return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"], "pairs_last_epoch": m["train_samples"],
-            "storage_retries": res.storage_retries,
-            "precision": res.precision}
+            "storage_retries": res.storage_retries, "precision": res.precision}
