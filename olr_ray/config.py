@@ -60,8 +60,15 @@ class DataConfig:
     """Synthetic only: fraction of observed labels flipped, imitating CelebA's ambiguous labels."""
     drop_labels: list[str] = field(default_factory=lambda: ["Wearing_Necklace", "Wearing_Necktie"])
     """Attributes removed where present (the paper drops these two: L=38 on CelebA)."""
-    test_fraction: float = 0.05
-    """Test share of the seeded split used when the folder has no list_eval_partition.txt."""
+    test_fraction: float = 0.1
+    """Test share of the seeded split: the synthetic data's, and a folder's without list_eval_partition.txt
+    (CelebA's own file splits 80/10/10)."""
+    valid_fraction: float = 0.1
+    """Validation share of that split. Per-epoch validation and every choice of a default use ``valid``; ``test``
+    only reports. 0 leaves no validation split: per-epoch metrics then fall back to ``test``."""
+    partition_file: bool = True
+    """Split a CelebA-format folder by its list_eval_partition.txt where it has one; false draws the seeded
+    split above even then (the paper's random 95/5 on CelebA)."""
     max_images: int = 0
     """Read only N rows of the attribute file, evenly spread over it so every split keeps its share
     (0: all). For quick trials on big folders."""
@@ -71,6 +78,11 @@ class DataConfig:
         _check(p, 16 <= self.image_size <= 512, f"{pre}.image_size", f"expected 16..512, got {self.image_size!r}")
         _check(p, 0.0 <= self.label_noise < 0.5, f"{pre}.label_noise", f"expected 0 <= x < 0.5, got {self.label_noise!r}")
         _check(p, 0.0 < self.test_fraction < 0.5, f"{pre}.test_fraction", f"expected 0 < x < 0.5, got {self.test_fraction!r}")
+        _check(p, 0.0 <= self.valid_fraction < 0.5, f"{pre}.valid_fraction",
+               f"expected 0 <= x < 0.5, got {self.valid_fraction!r}")
+        _check(p, self.test_fraction + self.valid_fraction <= 0.5, f"{pre}.valid_fraction",
+               f"expected test_fraction + valid_fraction <= 0.5 (at least half the images train), got "
+               f"{self.test_fraction!r} + {self.valid_fraction!r}")
 
 
 @dataclass
@@ -242,13 +254,22 @@ class AnalysisConfig:
     edit_images: int = 256
     """Test images edited per label for the editing metrics (and, on synthetic runs, the exact edits;
     docs/defaults.md)."""
+    split: Literal["test", "valid"] = "test"
+    """Split the analysis measures on (metrics.json ``analysis.split``): ``test`` for the numbers a report
+    states, ``valid`` for comparing recipes and choosing defaults. Key names that say ``test`` mean this split."""
     edit_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
     """Scales s of the sampled block in the editing sweep."""
     disentangle_faces: int = 256
     """Synthetic only: faces redrawn with one attribute flipped, per run."""
+    judge_images: int = 16_000
+    """Synthetic only: faces with every attribute independent of the others that the independent judge
+    trains on (``judge.independent.*``, ``editing.independent.*``); 0: no independent judge."""
+    judge_epochs: int = 8
+    """Epochs of the independent judge over its faces. The judge is trained once per output folder and recipe
+    (``<output>/_judges/``) and read by every later run."""
 
     def validate(self, p: list[str], pre: str = "analysis") -> None:
-        _at_least(p, pre, self, probe_epochs=1, edit_images=1, disentangle_faces=0)
+        _at_least(p, pre, self, probe_epochs=1, edit_images=1, disentangle_faces=0, judge_images=0, judge_epochs=1)
         _check(p, len(self.edit_scales) >= 1 and all(s > 0 for s in self.edit_scales), f"{pre}.edit_scales",
                f"expected a non-empty list of positive numbers, got {self.edit_scales!r}")
 
@@ -310,7 +331,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "classifier": {"epochs": 1, "batch_size": 64, "width": 8},
         "siamese": {"epochs": 2, "batch_size": 16, "width": 8, "k": 8, "val_pairs": 64},
         "decoder": {"epochs": 1, "batch_size": 32, "width": 32, "channels": 8},
-        "analysis": {"probe_epochs": 50, "edit_images": 16, "disentangle_faces": 32},
+        "analysis": {"probe_epochs": 50, "edit_images": 16, "disentangle_faces": 32, "judge_images": 512,
+                     "judge_epochs": 1},
     },
     # The default: synthetic 64x64, 20,000 images, about 12 minutes on 2 cores with bf16 (docs/speed.md).
     "demo": {},
@@ -359,6 +381,8 @@ PAPER_METHOD: dict[str, Any] = {
         "label_weight": 0.0,
     },
     "analysis": {"pca_label": "Mouth_Slightly_Open"},  # 4.3
+    # 4: a random 95/5 train/test split, CelebA's own partition file unused, no validation split.
+    "data": {"partition_file": False, "test_fraction": 0.05, "valid_fraction": 0.0},
 }
 
 # This project's recipe where it departs from the paper (README, docs/defaults.md), at CelebA's scale.

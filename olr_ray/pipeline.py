@@ -16,7 +16,7 @@ from olr_ray.run import Run, UsageError, default_run_id, utc_now
 from olr_ray.runtime import ResourcePlan, init_ray, plan_resources
 from olr_ray.stages import BY_NAME, REGISTRY, STAGES
 
-HEADLINE = ["classifier.test_mean_accuracy", "classifier.majority_baseline", "siamese.dot_r2",
+HEADLINE = ["analysis.split", "classifier.test_mean_accuracy", "classifier.val_mean_accuracy", "classifier.majority_baseline", "siamese.dot_r2",
             "embed.norm_ratio_present_absent", "probe.test_mean_accuracy", "correlation.vs_label_corr_r",
             "reconstruction.test_ssim", "editing.add_success", "editing.others_preserved",
             "disentanglement.own_block_fraction"]

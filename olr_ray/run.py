@@ -94,6 +94,11 @@ class Run:
     def path(self, *parts: str) -> str:
         return storage.join(self.uri, *parts)
 
+    @property
+    def output_root(self) -> str:
+        """The ``--output`` folder that holds this run (and the others written there)."""
+        return self.uri.rstrip("/").rsplit("/", 1)[0]
+
     @classmethod
     def open(cls, cfg: PipelineConfig, output: str, run_id: str, stages: tuple[str, ...], dry: bool = False) -> "Run":
         """Create the run folder, or reopen it for resume (its saved config must match but for the

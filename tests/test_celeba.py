@@ -74,10 +74,38 @@ def test_any_label_set_and_size_and_seeded_split(ray_local, tmp_path):
     assert got["img005.jpg"]["labels"].tolist() == [1, 0, 1]
     assert got["img005.jpg"]["image"].shape == (24, 24, 3)
     splits = [r["split"] for r in got.values()]
-    assert set(splits) == {"train", "test"} and 2 <= splits.count("test") <= 25
+    assert set(splits) == {"train", "valid", "test"} and 2 <= splits.count("test") <= 25
     # Seeded: the same seed gives the same split.
     again = _rows(read_celeba(str(tmp_path), image_size=24, seed=1, test_fraction=0.2)[0])
     assert [again[k]["split"] for k in sorted(got)] == [got[k]["split"] for k in sorted(got)]
+
+
+def test_seeded_split_is_80_10_10_stable_per_image_and_written_in_celeba_s_format():
+    from olr_ray.data.celeba import parse_partition_file, partition_text, seeded_split
+
+    ids = [f"{i:06d}.jpg" for i in range(1, 5001)]
+    splits = seeded_split(ids, seed=3, test_fraction=0.1, valid_fraction=0.1)
+    share = {s: splits.count(s) / len(ids) for s in ("train", "valid", "test")}
+    assert share["train"] == pytest.approx(0.8, abs=0.02) and share["valid"] == pytest.approx(0.1, abs=0.015)
+    assert share["test"] == pytest.approx(0.1, abs=0.015)
+    # An image keeps its split when the folder grows or is read in another order.
+    assert seeded_split(ids[::-1][:100], 3, 0.1, 0.1) == splits[::-1][:100]
+    # Without a validation share the test images stay the same ones (the paper's 95/5-style split).
+    no_valid = seeded_split(ids, 3, 0.1)
+    assert set(no_valid) == {"train", "test"} and [s == "test" for s in no_valid] == [s == "test" for s in splits]
+    text = partition_text(ids[::-1], splits[::-1])
+    assert text.splitlines()[0] == f"000001.jpg {'012'[('train', 'valid', 'test').index(splits[0])]}"
+    assert parse_partition_file(text, "x") == dict(zip(ids, splits))
+
+
+def test_partition_file_is_used_unless_the_config_says_otherwise(tmp_path):
+    rows = [(f"{i:06d}.jpg", [1, -1]) for i in range(1, 41)]
+    _write_folder(str(tmp_path), ["A", "B"], rows)
+    (tmp_path / "list_eval_partition.txt").write_text("".join(f"{i:06d}.jpg 1\n" for i in range(1, 41)))
+    index, _ = load_index(str(tmp_path), [])
+    assert set(index["split"].to_pylist()) == {"valid"}
+    index, _ = load_index(str(tmp_path), [], seed=0, test_fraction=0.25, valid_fraction=0.0, partition_file=False)
+    assert set(index["split"].to_pylist()) == {"train", "test"}
 
 
 def test_missing_and_undecodable_images_are_recorded_not_dropped(ray_local, tmp_path):

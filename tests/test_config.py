@@ -29,6 +29,23 @@ def test_paper_preset_is_the_papers_method():
     assert d.lr == 1e-4 and d.optimizer == "rmsprop" and d.lr_schedule == "constant" and d.alpha == 0.5
     assert d.edit_weight == 0.0 and d.label_weight == 0.0
     assert cfg.data.image_size == 178 and cfg.analysis.pca_label == "Mouth_Slightly_Open"
+    # 4: a random 95/5 split, CelebA's partition file unused, no validation split
+    assert cfg.data.partition_file is False and (cfg.data.test_fraction, cfg.data.valid_fraction) == (0.05, 0.0)
+
+
+def test_the_other_presets_split_80_10_10_and_use_a_folder_s_partition_file():
+    for preset in ("demo", "smoke", "celeba"):
+        d = build_config(preset).data
+        assert (d.test_fraction, d.valid_fraction, d.partition_file) == (0.1, 0.1, True), preset
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.valid_fraction=-0.1"], "data.valid_fraction: expected 0 <= x < 0.5"),
+    (["data.valid_fraction=0.3", "data.test_fraction=0.3"], "at least half the images train"),
+])
+def test_a_split_that_leaves_too_little_to_train_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config("demo", overrides=overrides)
 
 
 def test_celeba_preset_is_this_projects_recipe_at_celeba_scale():
@@ -43,7 +60,10 @@ def test_celeba_preset_is_this_projects_recipe_at_celeba_scale():
     # the same scale as the paper preset: sizes, lengths, resources
     for key in ("num_workers", "use_gpu"):
         assert getattr(celeba, key) == getattr(paper, key)
-    assert celeba.data == paper.data and celeba.siamese.width == paper.siamese.width == 64
+    split = ("partition_file", "test_fraction", "valid_fraction")
+    assert {k: v for k, v in vars(celeba.data).items() if k not in split} == \
+        {k: v for k, v in vars(paper.data).items() if k not in split}
+    assert celeba.siamese.width == paper.siamese.width == 64
     assert celeba.decoder.epochs == paper.decoder.epochs == 50
 
 

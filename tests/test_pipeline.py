@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import shutil
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from olr_ray.config import build_config
+from olr_ray.data.celeba import parse_partition_file
 from olr_ray.embeddings import NotCommittedError, embedding_schema, load_embeddings
 from olr_ray.models.precision import resolve_precision
 from olr_ray.pipeline import check_options_against_data, run_pipeline
@@ -49,6 +52,12 @@ def test_run_layout(smoke):
     assert all(s["status"] == "done" and s["seconds"] > 0 for s in manifest["stages"].values())
     assert set(manifest["versions"]) >= {"olr_ray", "ray", "torch"}
     assert manifest["stages"]["data"]["rows"] == 600 and manifest["stages"]["embed"]["rows"] == 600
+    # 80/10/10, and every image's split in CelebA's own list_eval_partition.txt format.
+    splits = parse_partition_file(open(os.path.join(root, "data", "list_eval_partition.txt")).read())
+    assert len(splits) == 600 and dict(Counter(splits.values())) == manifest["stages"]["data"]["splits"]
+    assert 30 <= manifest["stages"]["data"]["splits"]["valid"] <= 90
+    # Per-epoch validation ran on the valid split; the analysis reports on test.
+    assert manifest["stages"]["classifier"]["eval_split"] == manifest["stages"]["siamese"]["eval_split"] == "valid"
     for stage in ("classifier", "siamese", "decoder"):
         assert os.path.isfile(os.path.join(root, "checkpoints", stage, "latest.json"))
     emb = os.path.join(root, "embeddings")
@@ -85,6 +94,15 @@ def test_metrics_json_has_every_key(smoke):
     for key in ("editing.exact_add_success", "editing.exact_remove_success", "editing.exact_others_preserved"):
         assert 0 <= metrics[key] <= 1, key
     assert set(metrics["editing.exact_add_success_per_label"]) == set(smoke.stage("data")["label_names"])
+    # ... and by the independent judge, trained on faces whose attributes are independent, kept for later runs.
+    for key in ("judge.independent.heldout_mean_accuracy", "judge.independent.test_mean_accuracy",
+                "judge.independent.reconstruction_mean_accuracy", "editing.independent.add_success",
+                "editing.independent.remove_success", "editing.independent.exact_add_success"):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["editing.independent.add_over_exact"] == pytest.approx(
+        metrics["editing.independent.add_success"] / metrics["editing.independent.exact_add_success"])
+    assert metrics["judge.independent.cached"] is False
+    assert len(os.listdir(os.path.join(os.path.dirname(smoke.uri), "_judges"))) == 1
 
 
 def test_metrics_are_the_committed_data_s(smoke):
@@ -431,6 +449,26 @@ def test_resume_follows_what_changes_results(smoke):
         ["embed.batch_size", "num_workers"], ["analysis.edit_images"]]
     assert "edit_images: 8" in open(os.path.join(smoke.uri, "config.yaml")).read()
     assert again.metrics["probe.test_mean_accuracy"] == pytest.approx(smoke.metrics["probe.test_mean_accuracy"])
+
+
+def test_the_analysis_measures_on_the_split_it_is_given(smoke, tmp_path):
+    """analysis.split=valid re-runs the analysis alone on the validation images, and metrics.json says so."""
+    from olr_ray.analysis.metrics import mean_accuracy
+
+    shutil.copytree(smoke.uri, tmp_path / "smoke")
+    shutil.copytree(os.path.join(os.path.dirname(smoke.uri), "_judges"), tmp_path / "_judges")
+    messages = []
+    run = run_pipeline(build_config("smoke", overrides=["analysis.split=valid"]), str(tmp_path), "smoke",
+                       progress=messages.append)
+    assert sum("already done" in m for m in messages) == len(STAGES) - 1
+    assert run.metrics["analysis.split"] == "valid" and smoke.metrics["analysis.split"] == "test"
+    emb = load_embeddings(os.path.join(smoke.uri, "embeddings"))
+    valid = emb.select(emb.splits == "valid")
+    assert run.metrics["probe.classifier_test_mean_accuracy"] == pytest.approx(mean_accuracy(valid.probs, valid.labels))
+    assert "| `analysis.split` | valid |" in open(tmp_path / "smoke" / "report.md").read()
+    # The independent judge was read from the output folder, not trained again.
+    assert run.metrics["judge.independent.cached"] is True
+    assert run.metrics["judge.independent.heldout_mean_accuracy"] == smoke.metrics["judge.independent.heldout_mean_accuracy"]
 
 
 def test_a_split_is_kept_in_the_object_store_only_when_it_fits(smoke, monkeypatch, caplog):

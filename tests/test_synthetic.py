@@ -255,3 +255,15 @@ def test_synthetic_source_draws_the_generator_faces(request: pytest.FixtureReque
     np.testing.assert_array_equal(images, ref["image"])
     np.testing.assert_array_equal(labels, ref["labels"][:, keep])
     assert {r["split"] for r in rows} == {"train", "test"} and all(r["error"] == "" for r in rows)
+
+
+def test_the_independent_judge_s_faces_have_no_correlations_to_lean_on():
+    from olr_ray.analysis.judge import JUDGE_RATES
+
+    a = syn.sample_independent_attributes(1_000_003, np.arange(20_000), JUDGE_RATES).astype(float)
+    np.testing.assert_allclose(a.mean(0), JUDGE_RATES, atol=0.02)
+    corr = np.corrcoef(a.T)
+    assert np.abs(corr[~np.eye(len(corr), dtype=bool)]).max() < 0.04
+    # The data's own attributes are correlated (the judge this replaces could lean on that).
+    m = syn.sample_attributes(0, np.arange(20_000)).astype(float)
+    assert np.nanmax(np.abs(np.corrcoef(m.T)[~np.eye(len(corr), dtype=bool)])) > 0.3

@@ -42,27 +42,34 @@ def judge_decoded(classifier, siamese, rec: torch.Tensor, size: int) -> tuple[np
     return torch.sigmoid(batched(classifier, stored)).numpy(), batched(siamese, stored).numpy()
 
 
-def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], E0: np.ndarray,
-                 g: dict[str, np.ndarray], names: list[str], scales: Sequence[float], seed: int
-                 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Every label added (at each scale) and removed on the faces ``E0``, each edit judged twice.
+# Where each judge's verdicts go in metrics.json: (prefix, suffix) around the metric's name.
+CLASSIFIER, REEMBEDDED, INDEPENDENT = ("editing.", ""), ("editing.", "_reembedded"), ("editing.independent.", "")
 
-    ``judge(E)`` gives two readings of the decoded faces, (N, L) probabilities each: the classifier's
-    (the paper's judge, and the unsuffixed keys) and the Siamese network's re-embedding read by the
-    linear probe (``_reembedded`` keys). Returns the metrics and the per-label add (s=1) and remove
-    success of the first judge.
+
+def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.ndarray,
+                 g: dict[str, np.ndarray], names: list[str], scales: Sequence[float], seed: int,
+                 keys: Sequence[tuple[str, str]] = (CLASSIFIER, REEMBEDDED)
+                 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Every label added (at each scale) and removed on the faces ``E0``, each edit judged by every judge.
+
+    ``judge(E)`` gives one reading of the decoded faces per judge, (N, L) probabilities each, in the order of
+    ``keys``: the classifier's (the paper's judge, and the unsuffixed keys), the Siamese network's
+    re-embedding read by the linear probe (``_reembedded`` keys) and, on synthetic runs, the independent
+    judge's (``editing.independent.*``). Returns the metrics and the per-label add (s=1) and remove success
+    of the first judge.
     """
+    n = len(keys)
     base = judge(E0)
-    add, rem, keep, keep_changed = ({0: [], 1: []} for _ in range(4))
-    add_by_label, rem_by_label = np.full(len(names), np.nan), np.full(len(names), np.nan)
+    add, rem, keep, keep_changed = ({j: [] for j in range(n)} for _ in range(4))
+    add_by_label, rem_by_label = np.full((n, len(names)), np.nan), np.full((n, len(names)), np.nan)
     by_scale: dict[float, list[float]] = {s: [] for s in scales}
 
     def verdicts(l: int, mode: str, **kw: Any) -> list[dict[str, float]]:
         after = judge(M.edit_embeddings(E0, l, mode, g, **kw))
-        return [M.editing_success(base[j], after[j], l, mode) for j in (0, 1)]
+        return [M.editing_success(base[j], after[j], l, mode) for j in range(n)]
 
     def collect(r: list[dict[str, float]], into: dict[int, list[float]]) -> None:
-        for j in (0, 1):
+        for j in range(n):
             if not np.isnan(r[j]["target_success"]):
                 into[j].append(r[j]["target_success"])
             keep[j].append(r[j]["others_preserved"])
@@ -74,40 +81,42 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], E
             if not np.isnan(r[0]["target_success"]):
                 by_scale[s].append(r[0]["target_success"])
             if s == 1.0:
-                add_by_label[l] = r[0]["target_success"]
+                add_by_label[:, l] = [v["target_success"] for v in r]
                 collect(r, add)
         r = verdicts(l, "remove")
-        rem_by_label[l] = r[0]["target_success"]
+        rem_by_label[:, l] = [v["target_success"] for v in r]
         collect(r, rem)
     mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
     out: dict[str, Any] = {}
-    for j, suffix in ((0, ""), (1, "_reembedded")):
-        out[f"editing.add_success{suffix}"] = mean(add[j])
-        out[f"editing.remove_success{suffix}"] = mean(rem[j])
-        out[f"editing.others_preserved{suffix}"] = float(np.nanmean(keep[j])) if keep[j] else float("nan")
+    for j, (prefix, suffix) in enumerate(keys):
+        out[f"{prefix}add_success{suffix}"] = mean(add[j])
+        out[f"{prefix}remove_success{suffix}"] = mean(rem[j])
+        out[f"{prefix}others_preserved{suffix}"] = float(np.nanmean(keep[j])) if keep[j] else float("nan")
         # Over the edits that changed their target: an edit that does nothing keeps everything else too.
         done = [v for v in keep_changed[j] if not np.isnan(v)]
-        out[f"editing.others_preserved_changed{suffix}"] = float(np.mean(done)) if done else float("nan")
-    out["editing.add_success_per_label"] = {n: float(v) for n, v in zip(names, add_by_label)}
-    out["editing.remove_success_per_label"] = {n: float(v) for n, v in zip(names, rem_by_label)}
+        out[f"{prefix}others_preserved_changed{suffix}"] = float(np.mean(done)) if done else float("nan")
+        if not suffix:
+            out[f"{prefix}add_success_per_label"] = {nm: float(v) for nm, v in zip(names, add_by_label[j])}
+            out[f"{prefix}remove_success_per_label"] = {nm: float(v) for nm, v in zip(names, rem_by_label[j])}
     out["editing.add_success_by_scale"] = {str(s): mean(v) for s, v in by_scale.items()}
-    return out, add_by_label, rem_by_label
+    return out, add_by_label[0], rem_by_label[0]
 
 
-def exact_edits(clf, names: list[str], uids: np.ndarray, stored: np.ndarray, seed: int, size: int
-                ) -> dict[str, Any]:
+def exact_edits(judges: dict[str, Callable[[torch.Tensor], torch.Tensor]], names: list[str], uids: np.ndarray,
+                stored: np.ndarray, seed: int, size: int) -> dict[str, Any]:
     """Editing success when decoding loses nothing, on the synthetic faces.
 
     The generator redraws the same test faces the edits use with only the edited attribute set
-    (add) or cleared (remove), and the classifier judges those renders exactly as it judges the
-    decoded edits: the share of edits the judge accepts when the one change is drawn perfectly.
-    Where the judge reads a label from its correlates (a mustache on a woman's face, which the data
-    never shows), even a perfect edit fails. It is a reference, not a bound: a decoder may draw
+    (add) or cleared (remove), and each judge (``judges``: metric prefix -> model giving logits) judges those
+    renders exactly as it judges the decoded edits: the share of edits the judge accepts when the one change
+    is drawn perfectly. Where a judge reads a label from its correlates (a mustache on a woman's face, which
+    the data never shows), even a perfect edit fails. It is a reference, not a bound: a decoder may draw
     correlated cues along with the label (a smile with an open mouth and raised cheeks) and be
     accepted where the exact one-attribute edit is not.
     """
-    def judge(images: np.ndarray) -> np.ndarray:
-        return torch.sigmoid(batched(clf, torch.from_numpy(images))).numpy()
+    def judge(images: np.ndarray) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(images)
+        return {p: torch.sigmoid(batched(model, x)).numpy() for p, model in judges.items()}
 
     drawn = synthetic.render(synthetic.sample_attributes(seed, uids), seed, uids, size)
     if drawn.shape != stored.shape or not np.array_equal(drawn, stored):
@@ -115,19 +124,23 @@ def exact_edits(clf, names: list[str], uids: np.ndarray, stored: np.ndarray, see
         log.warning("exact edits skipped: the generator does not redraw the stored test faces")
         return {}
     base = judge(drawn)
-    res: dict[str, dict[str, float]] = {"add": {}, "remove": {}}
-    keep: list[float] = []
+    res = {p: {"add": {}, "remove": {}} for p in judges}
+    keep: dict[str, list[float]] = {p: [] for p in judges}
     for l, name in enumerate(names):
         for mode, value in (("add", 1), ("remove", 0)):
             after = judge(synthetic.set_and_render(uids, name, value, seed, size)[0])
-            r = M.editing_success(base, after, l, mode)
-            res[mode][name] = r["target_success"]
-            keep.append(r["others_preserved"])
+            for p in judges:
+                r = M.editing_success(base[p], after[p], l, mode)
+                res[p][mode][name] = r["target_success"]
+                keep[p].append(r["others_preserved"])
     mean = lambda d: float(np.nanmean(list(d.values()))) if any(not np.isnan(v) for v in d.values()) else float("nan")  # noqa: E731
-    return {"editing.exact_add_success": mean(res["add"]),
-            "editing.exact_remove_success": mean(res["remove"]),
-            "editing.exact_others_preserved": float(np.nanmean(keep)),
-            "editing.exact_add_success_per_label": {n: float(v) for n, v in res["add"].items()}}
+    out: dict[str, Any] = {}
+    for p in judges:
+        out.update({f"{p}exact_add_success": mean(res[p]["add"]),
+                    f"{p}exact_remove_success": mean(res[p]["remove"]),
+                    f"{p}exact_others_preserved": float(np.nanmean(keep[p])),
+                    f"{p}exact_add_success_per_label": {n: float(v) for n, v in res[p]["add"].items()}})
+    return out
 
 
 def editing_figures(decoder, g, E0, names, scales, fig, seed, originals: torch.Tensor | None = None,

@@ -21,6 +21,7 @@ PAPER_REFERENCE: dict[str, float] = {
 
 # Leaf names shown in the headline table when present (in this order of preference per leaf).
 _HEADLINE_LEAVES = (
+    "split",
     "test_mean_accuracy",
     "majority_baseline",
     "test_balanced_accuracy",
@@ -45,8 +46,11 @@ _HEADLINE_LEAVES = (
     "add_success_reembedded",
     "remove_success_reembedded",
     "others_preserved_reembedded",
+    "others_preserved_changed",
     "exact_add_success",
     "exact_remove_success",
+    "add_over_exact",
+    "heldout_mean_accuracy",
     "own_block_fraction",
 )
 
@@ -225,11 +229,15 @@ def write_report(
     return path
 
 
-def measurement_section(edit_images: int, size: int, decoder_out: int | None, synthetic: bool) -> str:
+def measurement_section(edit_images: int, size: int, decoder_out: int | None, synthetic: bool,
+                        split: str = "test", judge: bool = False) -> str:
     """What each group of numbers is computed on, in words (the definitions a reader of the numbers needs)."""
     lines = [
-        "- **Splits.** The linear probe and the per-label Gaussians are fitted on the train split; every "
-        "other number is measured on the test split.",
+        "- **Splits.** The linear probe and the per-label Gaussians are fitted on the train split; the "
+        f"analysis' numbers are measured on the **{split}** split (`analysis.split`; a key that says `test` "
+        f"means this split). `classifier.test_*` is the test split; the classifier's and the Siamese "
+        "network's `val_*` numbers and `siamese.dot_r2` are the validation split (the test split where the "
+        "data has none).",
         "- **Probe vs classifier.** Both are read at 0.5 on the same test images (the classifier through the "
         "committed `probs`); mean accuracy averages the per-label accuracies, balanced accuracy the per-label "
         "mean of the two class recalls.",
@@ -265,6 +273,16 @@ def measurement_section(edit_images: int, size: int, decoder_out: int | None, sy
             "set (add) or cleared (remove), and the classifier judges the full-size renders; eligibility "
             "follows its reading of the original face. They show what a perfectly drawn one-attribute edit "
             "scores with this judge.")
+        if judge:
+            lines.append(
+                "- **Independent judge** (synthetic data). A classifier trained from the generator alone on "
+                "faces whose attributes are each present with probability one half, independently of the "
+                "others, so it cannot read a label from what usually comes with it; no OLR model sees its faces. "
+                "It judges the same reconstructions, decoded edits and exact edits (`editing.independent.*`); "
+                "`judge.independent.heldout_mean_accuracy` is its accuracy on independent faces it did not "
+                "train on, `judge.independent.test_mean_accuracy` on this run's images. "
+                "`editing.independent.add_over_exact` is the decoded adds as a share of its exact adds: the "
+                "decoder's part, with the judge's own misses divided out.")
         lines.append("- **Disentanglement** (synthetic data). The same face redrawn with one attribute flipped "
                      "and re-embedded: the share of the squared change of the embedding that falls in that "
                      "attribute's own block (1/L if it spread evenly).")

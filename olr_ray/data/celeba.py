@@ -115,14 +115,24 @@ def parse_partition_file(text: str, source: str = PARTITION_FILE) -> dict[str, s
     return out
 
 
-def seeded_split(image_ids: list[str], seed: int, test_fraction: float) -> list[str]:
-    """The 95/5-style random split, stable per image: a hash of (seed, image_id), not of the order."""
+def seeded_split(image_ids: list[str], seed: int, test_fraction: float, valid_fraction: float = 0.0) -> list[str]:
+    """A random train/valid/test split, stable per image: a hash of (seed, image_id), not of the order.
+
+    An image goes to test with probability ``test_fraction``, to valid with ``valid_fraction``, else to
+    train; an image's split does not depend on the other images, so a folder that grows keeps its splits.
+    """
     out = []
     for image_id in image_ids:
         h = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
         u = int.from_bytes(h, "little") / 2**64
-        out.append("test" if u < test_fraction else "train")
+        out.append("test" if u < test_fraction else "valid" if u < test_fraction + valid_fraction else "train")
     return out
+
+
+def partition_text(image_ids, splits) -> str:
+    """``list_eval_partition.txt`` of these images (``000001.jpg 0``; 0 train, 1 valid, 2 test), sorted by id."""
+    code = {name: str(k) for k, name in SPLIT_NAMES.items()}
+    return "".join(f"{i} {code[s]}\n" for i, s in sorted(zip(image_ids, splits)))
 
 
 def select_labels(names: list[str], drop: list[str]) -> list[int]:
@@ -141,12 +151,15 @@ def require_attr_file(uri: str) -> str:
     return attr_uri
 
 
-def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: float = 0.05,
-               max_images: int = 0, unsplit: str | None = None) -> tuple[pa.Table, list[str]]:
+def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: float = 0.1,
+               max_images: int = 0, unsplit: str | None = None, valid_fraction: float = 0.1,
+               partition_file: bool = True) -> tuple[pa.Table, list[str]]:
     """Read the text files of a CelebA-format folder into a table of (image_id, path, labels, split).
 
-    Without ``list_eval_partition.txt`` the split is drawn (seeded, ``test_fraction`` to test), or is
+    Without ``list_eval_partition.txt`` the split is drawn (seeded, ``test_fraction`` to test and
+    ``valid_fraction`` to valid), or is
     ``unsplit`` for every image when that is given (new data embedded with a trained run).
+    ``partition_file=False`` draws the seeded split even where the folder has the file.
 
     Returns:
         The index table and the kept label names.
@@ -159,7 +172,7 @@ def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: f
     names = [table.label_names[i] for i in keep]
     labels = table.labels[:, keep]
     part_uri = storage.join(uri, PARTITION_FILE)
-    if storage.exists(part_uri):
+    if partition_file and storage.exists(part_uri):
         raw = storage.read_bytes(part_uri)
         try:
             text = raw.decode("utf-8")
@@ -176,7 +189,7 @@ def load_index(uri: str, drop_labels: list[str], seed: int = 0, test_fraction: f
     elif unsplit is not None:
         splits = [unsplit] * len(table.image_ids)
     else:
-        splits = seeded_split(table.image_ids, seed, test_fraction)
+        splits = seeded_split(table.image_ids, seed, test_fraction, valid_fraction)
     index = pa.table({
         "uid": pa.array(np.arange(len(table.image_ids), dtype=np.int64)),
         "image_id": pa.array(table.image_ids, pa.string()),
@@ -290,7 +303,8 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
 
 
 def read_celeba(uri: str, image_size: int = 64, drop_labels: list[str] | None = None, seed: int = 0,
-                test_fraction: float = 0.05, max_images: int = 0, batch_size: int = 64):
+                test_fraction: float = 0.1, max_images: int = 0, batch_size: int = 64,
+                valid_fraction: float = 0.1, partition_file: bool = True):
     """Open a CelebA-format folder (local or ``s3://``) as a Ray Dataset.
 
     Columns: ``uid`` (row of the attribute file), ``image_id`` (file name), ``split`` (train|valid|test), ``labels`` (L int8 0/1),
@@ -301,7 +315,8 @@ def read_celeba(uri: str, image_size: int = 64, drop_labels: list[str] | None = 
         (dataset, label_names, number of rows)
     """
     drop = ["Wearing_Necklace", "Wearing_Necktie"] if drop_labels is None else drop_labels
-    index, names = load_index(uri, drop, seed, test_fraction, max_images)
+    index, names = load_index(uri, drop, seed, test_fraction, max_images, valid_fraction=valid_fraction,
+                              partition_file=partition_file)
     return decode_index(index, image_size, batch_size), names, index.num_rows
 
 

@@ -24,7 +24,7 @@ class Source:
 
 
 def synthetic_batch(batch: dict[str, np.ndarray], seed: int, size: int, label_noise: float,
-                    keep: list[int], test_fraction: float) -> dict[str, np.ndarray]:
+                    keep: list[int], test_fraction: float, valid_fraction: float = 0.0) -> dict[str, np.ndarray]:
     """Draw the synthetic faces for a batch of indices (Ray Data ``map_batches`` function)."""
     idx = np.asarray(batch["id"], dtype=np.int64)
     drawn = synthetic.generate(idx, seed=seed, size=size, label_noise=label_noise)
@@ -32,7 +32,7 @@ def synthetic_batch(batch: dict[str, np.ndarray], seed: int, size: int, label_no
     return {
         "uid": idx,
         "image_id": np.array(ids),
-        "split": np.array(celeba.seeded_split(ids, seed, test_fraction)),
+        "split": np.array(celeba.seeded_split(ids, seed, test_fraction, valid_fraction)),
         "labels": drawn["labels"][:, keep].astype(np.int8),
         "image": drawn["image"],
         "error": np.full(len(idx), "", dtype=object).astype(str),
@@ -50,12 +50,13 @@ def open_source(cfg: DataConfig, seed: int) -> Source:
         ds = ray.data.range(cfg.n_images, override_num_blocks=n_blocks).map_batches(
             synthetic_batch, batch_size=500,
             fn_kwargs=dict(seed=seed, size=cfg.image_size, label_noise=cfg.label_noise, keep=keep,
-                           test_fraction=cfg.test_fraction),
+                           test_fraction=cfg.test_fraction, valid_fraction=cfg.valid_fraction),
         )
         return Source(ds, names, cfg.n_images, cfg.image_size, "synthetic")
     # Sizes follow the data: images are cropped and scaled down to data.image_size, never up, so a
     # folder of smaller images trains at its own size with any preset.
     native = celeba.native_size(cfg.source)
     size = min(cfg.image_size, native) if native else cfg.image_size
-    ds, names, n = celeba.read_celeba(cfg.source, size, cfg.drop_labels, seed, cfg.test_fraction, cfg.max_images)
+    ds, names, n = celeba.read_celeba(cfg.source, size, cfg.drop_labels, seed, cfg.test_fraction, cfg.max_images,
+                                     valid_fraction=cfg.valid_fraction, partition_file=cfg.partition_file)
     return Source(ds, names, n, size, "celeba-format")

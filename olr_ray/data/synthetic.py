@@ -212,6 +212,7 @@ def describe_model() -> str:
 # Counter-based randomness: value k of stream s for image i depends only on (seed, s, i, k).
 
 _STREAM_ATTRIBUTES, _STREAM_NUISANCE, _STREAM_LABEL_NOISE, _STREAM_PARTITION = 1, 2, 3, 4
+_STREAM_INDEPENDENT = 5
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -262,6 +263,18 @@ def sample_attributes(seed: int, indices: np.ndarray) -> np.ndarray:
         j = ATTRIBUTE_INDEX[node.attribute]
         attrs[:, j] = u[:, j] < p
     return attrs
+
+
+def sample_independent_attributes(seed: int, indices: np.ndarray, p: float | np.ndarray = 0.5) -> np.ndarray:
+    """Attributes with no correlations at all: attribute j present with probability ``p`` (or ``p[j]``),
+    independently of the others (``MODEL`` is not used). For a judge that cannot read a label from its
+    correlates.
+
+    Returns:
+        (N, 40) int8 array of 0/1 in ``ATTRIBUTES`` order.
+    """
+    idx = _as_indices(indices)
+    return (_uniforms(seed, idx, _STREAM_INDEPENDENT, len(ATTRIBUTES)) < p).astype(np.int8)
 
 
 def label_correlation(n: int = 50_000, seed: int = 0) -> np.ndarray:

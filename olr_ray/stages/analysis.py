@@ -21,6 +21,7 @@ from olr_ray import storage
 from olr_ray.analysis import editing
 from olr_ray.analysis import metrics as M
 from olr_ray.analysis import plots as P
+from olr_ray.analysis.judge import independent_judge
 from olr_ray.analysis.report import measurement_section, run_section, write_report
 from olr_ray.data import synthetic
 from olr_ray.embeddings import Embeddings, load_embeddings
@@ -41,6 +42,11 @@ PAPER_PCA_LABEL = "Mouth_Slightly_Open"
 def check(run: Run) -> None:
     """Options that name a label must name one of the data's, checked once the data stage is done."""
     names = run.data.get("label_names") or []
+    split = run.cfg.analysis.split
+    if run.data.get("splits") and not run.data["splits"].get(split):
+        raise UsageError(f"analysis.split={split!r}: the data has no {split} images (splits: "
+                         f"{', '.join(f'{k} {v}' for k, v in run.data['splits'].items())}); expected one of those "
+                         f"with images")
     label = run.cfg.analysis.pca_label
     if label != "auto" and label not in names:
         raise UsageError(f"analysis.pca_label={label!r} is not a label of {run.cfg.data.source!r}; expected one "
@@ -102,6 +108,35 @@ def _probe(c: _Context) -> tuple[dict[str, Any], dict[str, Any]]:
     }
 
 
+def _probe_vs_classifier(c: _Context, probe: dict[str, Any], images: np.ndarray) -> dict[str, Any]:
+    """Per label, probe against classifier; the faces of the label where they disagree most (the paper's Fig. 3:
+    faces the probe gets wrong and the classifier right, and the other way round beside them)."""
+    y = c.test.labels == 1
+    probe_seen, clf_seen = M.probe_predict(probe, c.test.E) >= 0.5, c.test.probs >= 0.5
+    probe_ok, clf_ok = probe_seen == y, clf_seen == y
+    probe_acc, clf_acc = probe_ok.mean(0), clf_ok.mean(0)
+    c.figs["Probe vs classifier, per label"] = P.plot_per_label_bars(
+        {"linear probe on the embedding": probe_acc, "classifier": clf_acc}, c.names,
+        c.fig("probe_vs_classifier.png"), "Test accuracy per label", ylabel="accuracy")
+    j = int(np.argmax(clf_acc - probe_acc))
+    only_clf = np.flatnonzero(~probe_ok[:, j] & clf_ok[:, j])
+    only_probe = np.flatnonzero(probe_ok[:, j] & ~clf_ok[:, j])
+    label = c.names[j]
+    if len(only_clf) or len(only_probe):
+        rows = [[images[i] for i in only_clf[:8]], [images[i] for i in only_probe[:8]]]
+        rows = [r if r else [None] for r in rows]
+        c.figs[f"{label}: test faces the probe gets wrong and the classifier right (top), and the reverse"] = \
+            P.plot_image_grid(rows, c.fig("probe_wrong_classifier_right.png"),
+                              row_titles=["probe wrong,\nclassifier right", "probe right,\nclassifier wrong"],
+                              title=f"{label} (largest classifier - probe gap)")
+    return {
+        "probe.classifier_test_accuracy_per_label": dict(zip(c.names, map(float, clf_acc))),
+        "probe.largest_gap_label": label,
+        "probe.largest_gap_probe_wrong_classifier_right": float(len(only_clf) / len(y)),
+        "probe.largest_gap_probe_right_classifier_wrong": float(len(only_probe) / len(y)),
+    }
+
+
 # Label pairs the paper cites (Section 4.2) with their correlations beside its own figure.
 PAPER_PAIRS = [("Male", "Heavy_Makeup"), ("Attractive", "Wearing_Lipstick")]
 
@@ -154,9 +189,13 @@ def _pca(c: _Context, emb: Embeddings, test_images: np.ndarray) -> dict[str, Any
             "pca.explained_variance_ratio": [float(v) for v in pca["explained_variance_ratio"]]}
 
 
-def _reconstruction(c: _Context, decoder, clf, x: torch.Tensor) -> tuple[dict[str, Any], np.ndarray]:
+def _reconstruction(c: _Context, decoder, clf, x: torch.Tensor, independent=None) -> tuple[dict[str, Any], np.ndarray]:
     """The test split decoded from its embeddings: SSIM/PSNR, and how much of each label survives."""
     rec = editing.batched(decoder.reconstruct, torch.from_numpy(c.test.E))
+    extra = {}
+    if independent is not None:
+        extra["judge.independent.reconstruction_mean_accuracy"] = M.mean_accuracy(
+            editing.classify_reconstruction(independent, rec, c.size), c.test.labels)
     ssim, psnr = M.ssim_psnr(rec, x)
     # The classifier on the decoded test faces: how much of each label survives decoding, the
     # ceiling of editing success (edits are judged by this same classifier on decoded faces).
@@ -175,11 +214,12 @@ def _reconstruction(c: _Context, decoder, clf, x: torch.Tensor) -> tuple[dict[st
         # to classifier.test_mean_accuracy is the decoder's geometry rather than its drawing.
         "reconstruction.classifier_mean_accuracy_cropped_originals": M.mean_accuracy(
             editing.classify_reconstruction(clf, x, c.size), c.test.labels),
+        **extra,
     }, recall
 
 
 def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch.Tensor, test_images: np.ndarray,
-             recall: np.ndarray) -> dict[str, Any]:
+             recall: np.ndarray, independent=None) -> dict[str, Any]:
     """Per-label Gaussians, then every label added and removed on the first test faces, judged on the decoded faces."""
     run, cfg, seed = c.run, c.run.cfg.analysis, c.run.cfg.seed
     g = M.fit_label_gaussians(c.train.E, c.train.labels)
@@ -192,12 +232,17 @@ def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch
     # default) trains through the Siamese network, decoder.label_weight > 0 through the
     # classifier. With the defaults the classifier is the judge the decoder never saw.
 
-    def judge(E: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # On synthetic runs a third: the independent judge, trained on faces whose attributes are independent.
+    keys = [editing.CLASSIFIER, editing.REEMBEDDED] + ([editing.INDEPENDENT] if independent is not None else [])
+
+    def judge(E: np.ndarray) -> tuple[np.ndarray, ...]:
         rec = editing.batched(decoder.reconstruct, torch.from_numpy(E))
         probs, reembedded = editing.judge_decoded(clf, siamese, rec, c.size)
-        return probs, M.probe_predict(probe, reembedded)
+        if independent is None:
+            return probs, M.probe_predict(probe, reembedded)
+        return probs, M.probe_predict(probe, reembedded), editing.classify_reconstruction(independent, rec, c.size)
 
-    out, add_by_label, rem_by_label = editing.edit_success(judge, E0, g, c.names, cfg.edit_scales, seed)
+    out, add_by_label, rem_by_label = editing.edit_success(judge, E0, g, c.names, cfg.edit_scales, seed, keys)
     d = run.cfg.decoder
     out["editing.decoder_trained_through"] = ", ".join(
         name for name, w in (("siamese (flatters the _reembedded judge)", d.edit_weight),
@@ -205,9 +250,15 @@ def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch
     ) or "neither judge"
     # On synthetic data, exact one-attribute edits judged the same way, drawn beside the decoded adds.
     uids = c.test.uids[:n_edit]
-    exact = (editing.exact_edits(clf, c.names, uids, test_images[:n_edit], seed, c.size)
+    judges = {"editing.": clf, **({"editing.independent.": independent} if independent is not None else {})}
+    exact = (editing.exact_edits(judges, c.names, uids, test_images[:n_edit], seed, c.size)
              if run.data.get("kind") == "synthetic" else {})
     out.update(exact)
+    if independent is not None and exact:
+        # The decoder's part under a judge that reads each label from its own drawing: decoded adds as a
+        # share of what the same judge accepts when the edit is drawn exactly.
+        ind = "editing.independent."
+        out[f"{ind}add_over_exact"] = out[f"{ind}add_success"] / max(out[f"{ind}exact_add_success"], 1e-9)
     series = {"add (s=1)": add_by_label}
     if exact:
         series["add, exact edits (the face redrawn with the label set)"] = [
@@ -216,6 +267,14 @@ def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch
     c.figs["Editing success per label (judged by the classifier on the decoded images)"] = P.plot_per_label_bars(
         series, c.names, c.fig("editing_per_label.png"), "Editing success per label",
         ylabel="fraction of eligible test images", bar=0.7)
+    if independent is not None and exact:
+        ind = "editing.independent."
+        c.figs["Editing success per label under the independent judge"] = P.plot_per_label_bars(
+            {"add (s=1)": [out[f"{ind}add_success_per_label"][n] for n in c.names],
+             "add, exact edits": [out[f"{ind}exact_add_success_per_label"][n] for n in c.names],
+             "remove": [out[f"{ind}remove_success_per_label"][n] for n in c.names]},
+            c.names, c.fig("editing_per_label_independent.png"),
+            "Editing success per label, independent judge", ylabel="fraction of eligible test images", bar=0.9)
     redraw = (lambda name: synthetic.set_and_render(uids[:4], name, 1, seed, c.size)[0]) if exact else None
     c.figs.update(editing.editing_figures(decoder, g, E0, c.names, cfg.edit_scales, c.fig, seed,
                                           originals=x[:n_edit], exact=redraw))
@@ -246,8 +305,10 @@ def _publish(c: _Context, decoder_out: int | None) -> list[str]:
     # This stage's own time is known only after the report is written: leave out an earlier attempt's.
     shown = {k: v for k, v in run.metrics.items() if k != "timing.analysis_seconds"}
     synthetic_data = run.data.get("kind") == "synthetic"
+    judge = synthetic_data and run.cfg.analysis.judge_images > 0
     sections = {"How the numbers are measured": measurement_section(run.cfg.analysis.edit_images, c.size,
-                                                                    decoder_out, synthetic_data),
+                                                                    decoder_out, synthetic_data,
+                                                                    run.cfg.analysis.split, judge),
                 "Run": run_section(run.run_id, run.uri, run.cfg.data.source, run.manifest["stages"])}
     report = write_report(c.tmp, shown, rel, paper_reference=not synthetic_data, extra_sections=sections)
     storage.write_bytes(run.path("report.md"), open(report, "rb").read())
@@ -258,34 +319,47 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     check(run)  # run_pipeline checked already; a direct call too
     torch.set_num_threads(max(1, int(os.cpu_count() or 1)))
     emb = load_embeddings(run.path("embeddings"))
+    split = run.cfg.analysis.split  # "test" in a metric's name means this split
     c = _Context(run, run.data["label_names"], run.data["image_size"], emb.select(emb.splits == "train"),
-                 emb.select(emb.splits == "test"))
+                 emb.select(emb.splits == split))
+    out_split = {"analysis.split": split}
     with c.timed("probe"):
         probe, out = _probe(c)
     with c.timed("correlation"):
         out.update(_correlation(c, emb))
+    out.update(out_split)
     with c.timed("test_images"):
-        test_uids, test_images = read_split_images(run, plan, "test")
+        test_uids, test_images = read_split_images(run, plan, split)
     if not np.array_equal(test_uids, c.test.uids):
-        raise RuntimeError("test images and test embeddings disagree on uids")
+        raise RuntimeError(f"{split} images and {split} embeddings disagree on uids")
     with c.timed("pca"):
         out.update(_pca(c, emb, test_images))
+        out.update(_probe_vs_classifier(c, probe, test_images))
     precision = resolve_precision(run.cfg.precision, "cpu")  # the analysis runs its models here, in the driver
     # Each trained model is read once: for judging, re-embedding and its training curves.
     (clf, clf_state), (siamese, siamese_state) = (load_for_inference(run.stage(s)["checkpoint"], precision)
                                                   for s in ("classifier", "siamese"))
+    independent = None
+    if run.data.get("kind") == "synthetic" and run.cfg.analysis.judge_images > 0:
+        with c.timed("independent_judge"):
+            independent, judge_out = independent_judge(
+                storage.join(run.output_root, "_judges"), c.names, c.size, run.cfg.seed,
+                run.cfg.analysis.judge_images, run.cfg.analysis.judge_epochs, precision)
+            probs = torch.sigmoid(editing.batched(independent, torch.from_numpy(test_images))).numpy()
+            judge_out["judge.independent.test_mean_accuracy"] = M.mean_accuracy(probs, c.test.labels)
+        out.update(judge_out)
     decoder_out = None
     if run.stage("decoder").get("checkpoint"):
         decoder, dstate = load_for_inference(run.stage("decoder")["checkpoint"], precision)
         decoder_out = decoder.output_size
         x = decoder.target(test_images)
         with c.timed("reconstruction"):
-            rec_out, recall = _reconstruction(c, decoder, clf, x)
+            rec_out, recall = _reconstruction(c, decoder, clf, x, independent)
         out.update(rec_out)
         c.figs["Decoder training"] = P.plot_training_curves(_curves(dstate.get("history", [])),
                                                             c.fig("decoder_curves.png"))
         with c.timed("editing"):
-            out.update(_editing(c, decoder, clf, siamese, probe, x, test_images, recall))
+            out.update(_editing(c, decoder, clf, siamese, probe, x, test_images, recall, independent))
     if run.data.get("kind") == "synthetic" and run.cfg.analysis.disentangle_faces > 0:
         with c.timed("disentanglement"):
             out.update(editing.disentanglement(siamese, c.names, c.size, run.cfg.analysis.disentangle_faces,

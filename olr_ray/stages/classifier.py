@@ -36,7 +36,9 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         "classifier.test_mean_accuracy_per_label": m["test_mean_accuracy_per_label"],
         "classifier.majority_baseline": m["majority_baseline"],
         "classifier.val_loss": m["val_loss"],
+        # On run.eval_split(): valid where the data has one (the stage's manifest names it), else test.
+        "classifier.val_mean_accuracy": m["val_mean_accuracy"],
         "classifier.epochs": m["epoch"],
     })
-    return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"], "train_samples_last_epoch": m["train_samples"],
+    return {"checkpoint": res.checkpoint_uri, "eval_split": run.eval_split(), "epochs": m["epoch"], "train_samples_last_epoch": m["train_samples"],
             "storage_retries": res.storage_retries, "precision": res.precision}

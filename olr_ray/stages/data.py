@@ -1,5 +1,8 @@
 """Data stage: draw or read every image once into ``<run>/data/part=<split>/``.
 
+The split of every image is also written as ``<run>/data/list_eval_partition.txt`` (CelebA's format), so
+a run's train/valid/test assignment can be read, compared or handed to another tool.
+
 Unreadable images go to ``errors/read_errors.parquet`` with their reason; the row count is
 checked against the source, so nothing is dropped silently.
 """
@@ -59,6 +62,19 @@ def _write_errors(errors_uri: str, data_uri: str, errors: int) -> None:
     pq.write_table(table, epath, filesystem=efs)
 
 
+def _write_partition(data_uri: str) -> str:
+    """``data_uri/list_eval_partition.txt``: every row's split in CelebA's own format, unreadable images too."""
+    fs, _ = storage.resolve(data_uri)
+    ids, splits = [], []
+    for f in storage.list_files(data_uri, ".parquet"):
+        t = pq.read_table(storage.resolve(f)[1], filesystem=fs, columns=["image_id", "split"])
+        ids += t["image_id"].to_pylist()
+        splits += t["split"].to_pylist()
+    uri = storage.join(data_uri, celeba.PARTITION_FILE)
+    storage.write_bytes(uri, celeba.partition_text(ids, splits).encode())
+    return uri
+
+
 def prepare(dataset, num_rows: int, data_uri: str, errors_uri: str, plan: ResourcePlan) -> dict[str, int]:
     """Write a source's rows to ``data_uri/part=<split>/`` and its unreadable images to ``errors_uri``.
 
@@ -83,6 +99,7 @@ def prepare(dataset, num_rows: int, data_uri: str, errors_uri: str, plan: Resour
 def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     src = open_source(run.cfg.data, run.cfg.seed)
     counts = prepare(src.dataset, src.num_rows, run.path("data"), run.path("errors", "read_errors.parquet"), plan)
+    _write_partition(run.path("data"))
     errors = counts.pop("errors")
     total = sum(counts.values()) + errors
     return {"rows": total, "rows_ok": total - errors, "errors": errors, "splits": counts,

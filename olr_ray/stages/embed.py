@@ -106,8 +106,7 @@ def norm_metrics(norms: np.ndarray, labels: np.ndarray, splits: np.ndarray, name
     # Dead: a block that stays at its floor (block_floor on every coordinate, norm floor*sqrt(k))
     # on 99% of the images, i.e. carries nothing.
     dead = np.quantile(norms, 0.99, axis=0) <= floor_norm * 1.05 + 1e-6
-    test = splits == "test"
-    return {
+    out = {
         "embed.norm_ratio_present_absent": norm_ratio(norms, labels),
         # The mean of ratios is pulled up by nearly dead blocks (absent norm ~0): the median and
         # the dead-block count say whether it is a few labels or all of them.
@@ -115,8 +114,11 @@ def norm_metrics(norms: np.ndarray, labels: np.ndarray, splits: np.ndarray, name
         "embed.norm_ratio_per_label": {n: float(r) for n, r in zip(names, ratios)},
         "embed.dead_blocks": int(dead.sum()),
         "embed.dead_block_labels": [n for n, d in zip(names, dead) if d],
-        "embed.norm_ratio_present_absent_test": norm_ratio(norms[test], labels[test]),
     }
+    for split in ("valid", "test"):
+        if (splits == split).any():
+            out[f"embed.norm_ratio_present_absent_{split}"] = norm_ratio(norms[splits == split], labels[splits == split])
+    return out
 
 
 def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:

@@ -44,5 +44,5 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         "siamese.target": s.target,
         "siamese.epochs": m["epoch"],
     })
-    return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"], "pairs_last_epoch": m["train_samples"],
+    return {"checkpoint": res.checkpoint_uri, "eval_split": run.eval_split(), "epochs": m["epoch"], "pairs_last_epoch": m["train_samples"],
             "storage_retries": res.storage_retries, "precision": res.precision}
