@@ -164,3 +164,43 @@ def edit_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return _fail(exc)
     print(f"wrote {args.out}: {len(res.image_ids)} image(s) x {', '.join(['original', 'reconstruction', *res.edits])}")
     return 0
+
+
+def ablation_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``jobs/ablation.py``: the paper's recipe, the default and each departure alone; a markdown table."""
+    from olr_ray import ablation
+
+    p = argparse.ArgumentParser(prog=prog, description=ablation.__doc__.split("\n\n")[0],
+                                epilog="Runs: " + ", ".join(a.name for a in ablation.arms()))
+    p.add_argument("--version", action="version", version=f"olr_ray {olr_ray.__version__}")
+    p.add_argument("--output", default="./runs/ablation", metavar="PATH|s3://...",
+                   help="where the ablation's run folders go (default ./runs/ablation); re-use it to continue")
+    p.add_argument("--report", default="docs/ablation.md", metavar="FILE.md", help="the table (default docs/ablation.md)")
+    p.add_argument("--seeds", default="0,1", help="the two seeds of the paper and default runs (default 0,1)")
+    p.add_argument("--only", help="comma-separated run names, to run a few (the table lists the rest as not run)")
+    p.add_argument("--list", action="store_true", help="print every run and what it changes, then exit")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+        if len(seeds) != 2 or seeds[0] == seeds[1]:
+            raise ValueError
+    except ValueError:
+        print(f"error: --seeds: expected two different integers like 0,1, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    plan = ablation.arms(seeds)
+    if args.list:
+        for arm in plan:
+            print(f"{arm.name:<40} seed {arm.seed}  {arm.what}")
+        return 0
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    unknown = sorted(set(only or []) - {a.name for a in plan})
+    if unknown:
+        print(f"error: --only: unknown run(s) {', '.join(unknown)}; --list shows them", file=sys.stderr)
+        return 2
+    try:
+        ablation.run_ablation(args.output, args.report, seeds, only)
+    except (UsageError, StorageError) as exc:
+        return _fail(exc)
+    print(f"table: {args.report}")
+    return 0

@@ -8,7 +8,7 @@ probability one half), so the only evidence of a label it can learn is the label
 trained from the generator alone, on its own seed: no OLR model ever sees its faces, and it never sees the
 run's.
 
-It depends on nothing of a run but the labels, the image size and the seed, so it is trained once and kept
+It depends on nothing of a run but the labels and the image size, so it is trained once and kept
 beside the runs (``<output>/_judges/``, one file per generator version and recipe): every later run and every
 ablation run with that output reads it instead of training it again.
 """
@@ -38,6 +38,9 @@ log = logging.getLogger("olr_ray.analysis")
 # The judge's faces come from their own seed, never the run's: the run's (seed, index) pairs and the judge's
 # do not meet for any run seed below the offset.
 _SEED_OFFSET = 1_000_003
+# One judge for every run of a label set and size, whatever the run's seed: it is an instrument, and runs of
+# different seeds compared under one judge differ by their own noise only.
+JUDGE_SEED = 0
 LR = 3e-3
 
 
@@ -113,7 +116,7 @@ def train_independent_judge(names: list[str], size: int, seed: int, images: int,
     return model, metrics
 
 
-def judge_file(names: list[str], size: int, seed: int, images: int, epochs: int, width: int) -> str:
+def judge_file(names: list[str], size: int, images: int, epochs: int, width: int, seed: int = JUDGE_SEED) -> str:
     """File name of a judge: the recipe, and the generator's and this module's source, hashed (a changed
     generator or recipe trains a new judge rather than reading a stale one)."""
     recipe = json.dumps([names, size, seed, images, epochs, width, LR, JUDGE_RATES.tolist()])
@@ -122,12 +125,12 @@ def judge_file(names: list[str], size: int, seed: int, images: int, epochs: int,
     return f"judge-{size}px-{digest}.pt"
 
 
-def independent_judge(cache_dir: str, names: list[str], size: int, seed: int, images: int, epochs: int,
-                      precision: str, width: int = 32) -> tuple[Classifier, dict[str, Any]]:
+def independent_judge(cache_dir: str, names: list[str], size: int, images: int, epochs: int, precision: str,
+                      width: int = 32, seed: int = JUDGE_SEED) -> tuple[Classifier, dict[str, Any]]:
     """The independent judge of this recipe: read from ``cache_dir`` (local or ``s3://``) when trained before,
     else trained now and written there. Returns the model (eval mode, at ``precision``) and its metrics
     (``judge.independent.cached`` says which)."""
-    uri = storage.join(cache_dir, judge_file(names, size, seed, images, epochs, width))
+    uri = storage.join(cache_dir, judge_file(names, size, images, epochs, width, seed))
     if storage.exists(uri):
         blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
         model = Classifier(len(names), size, width)

@@ -343,8 +343,8 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     if run.data.get("kind") == "synthetic" and run.cfg.analysis.judge_images > 0:
         with c.timed("independent_judge"):
             independent, judge_out = independent_judge(
-                storage.join(run.output_root, "_judges"), c.names, c.size, run.cfg.seed,
-                run.cfg.analysis.judge_images, run.cfg.analysis.judge_epochs, precision)
+                storage.join(run.output_root, "_judges"), c.names, c.size, run.cfg.analysis.judge_images,
+                run.cfg.analysis.judge_epochs, precision)
             probs = torch.sigmoid(editing.batched(independent, torch.from_numpy(test_images))).numpy()
             judge_out["judge.independent.test_mean_accuracy"] = M.mean_accuracy(probs, c.test.labels)
         out.update(judge_out)
