@@ -86,8 +86,8 @@ def test_job_submit_runs_the_pipeline(head, tmp_path):
     address, env = head
     out = tmp_path / "runs"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # The README's cluster command: the runtime env installs the project (from the uploaded working
-    # directory) into a virtualenv that inherits what the node has.
+    # The README's cluster command: the runtime env installs nothing; the job runs the uploaded working
+    # directory with what the node has (the image's Ray, torch and dependencies on a cluster).
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", repo,
            "--runtime-env", os.path.join(repo, "cluster", "runtime_env.yaml"), "--",
            "python", "jobs/full_pipeline.py", "--preset", "smoke", "--output", str(out), "--run-id", "job",

@@ -35,11 +35,12 @@ def classify_reconstruction(classifier, rec: torch.Tensor, size: int) -> np.ndar
     return torch.sigmoid(batched(classifier, as_stored(rec, size))).numpy()
 
 
-def judge_decoded(classifier, siamese, rec: torch.Tensor, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded images (resized and quantised as stored, once) read by both judges: the classifier's
-    probabilities (N, L) and the Siamese network's embeddings (N, L, k)."""
+def judge_decoded(classifier, siamese, rec: torch.Tensor, size: int, *others) -> tuple[np.ndarray, ...]:
+    """Decoded images (resized and quantised as stored, once) read by every judge: the classifier's
+    probabilities (N, L), the Siamese network's embeddings (N, L, k), then each of ``others``' probabilities."""
     stored = as_stored(rec, size)
-    return torch.sigmoid(batched(classifier, stored)).numpy(), batched(siamese, stored).numpy()
+    return (torch.sigmoid(batched(classifier, stored)).numpy(), batched(siamese, stored).numpy(),
+            *(torch.sigmoid(batched(m, stored)).numpy() for m in others))
 
 
 # Where each judge's verdicts go in metrics.json: (prefix, suffix) around the metric's name.

@@ -237,10 +237,9 @@ def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch
 
     def judge(E: np.ndarray) -> tuple[np.ndarray, ...]:
         rec = editing.batched(decoder.reconstruct, torch.from_numpy(E))
-        probs, reembedded = editing.judge_decoded(clf, siamese, rec, c.size)
-        if independent is None:
-            return probs, M.probe_predict(probe, reembedded)
-        return probs, M.probe_predict(probe, reembedded), editing.classify_reconstruction(independent, rec, c.size)
+        probs, reembedded, *rest = editing.judge_decoded(clf, siamese, rec, c.size,
+                                                         *([independent] if independent is not None else []))
+        return (probs, M.probe_predict(probe, reembedded), *rest)
 
     out, add_by_label, rem_by_label = editing.edit_success(judge, E0, g, c.names, cfg.edit_scales, seed, keys)
     d = run.cfg.decoder
