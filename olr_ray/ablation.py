@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -98,6 +99,7 @@ def run_arm(arm: Arm, output: str, progress: Callable[[str], None]) -> dict[str,
     run = run_pipeline(cfg, output, arm.name, progress=progress)
     metrics = dict(run.metrics)
     metrics["timing.total_seconds"] = float(sum(st.get("seconds", 0.0) for st in run.manifest["stages"].values()))
+    metrics["_precision"] = run.manifest["stages"].get("classifier", {}).get("precision", "?")
     log.info("ablation: %s done (%.0f s this call)", arm.name, time.perf_counter() - t0)
     return metrics
 
@@ -113,9 +115,17 @@ def table(results: dict[str, dict[str, Any]], plan: list[Arm]) -> str:
 
     defaults = [a.name for a in plan if a.name.startswith("default-s")]
     papers = [a.name for a in plan if a.name.startswith("paper-s") and a.name[len("paper-s"):].isdigit()]
-    noise = {key: float(np.nanmax([abs(value(g[0], key) - value(g[1], key)) for g in (defaults, papers)]))
-             for _, key, _ in COLUMNS}
-    base = {key: float(np.nanmean([value(n, key) for n in defaults])) for _, key, _ in COLUMNS}
+    def spread(key: str) -> float:
+        pairs = [abs(value(g[0], key) - value(g[1], key)) for g in (defaults, papers)]
+        pairs = [p for p in pairs if not math.isnan(p)]
+        return max(pairs) if pairs else float("nan")
+
+    noise = {key: spread(key) for _, key, _ in COLUMNS}
+    def mean(key: str) -> float:
+        vals = [value(n, key) for n in defaults if not math.isnan(value(n, key))]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    base = {key: mean(key) for _, key, _ in COLUMNS}
     head = "| run | what | " + " | ".join(h for h, _, _ in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for arm in plan:
@@ -153,12 +163,22 @@ def run_ablation(output: str, report: str, seeds: tuple[int, int] = (0, 1), only
         progress(f"[ablation {i}/{len(todo)}] {arm.name}: {arm.what}")
         results[arm.name] = run_arm(arm, output, progress)
         with open(report, "w", encoding="utf-8") as f:  # after every arm: an interrupted ablation keeps its table
-            f.write(header_text(output) + table(results, plan))
+            f.write(header_text(output, len(results), len(plan), results) + table(results, plan))
     return results
 
 
-def header_text(output: str) -> str:
+def header_text(output: str, done: int, total: int, results: dict[str, dict[str, Any]]) -> str:
+    import platform
+
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    status = "complete" if done == total else f"**{done} of {total} runs done** (re-run the command to continue)"
     return ("# Ablation: what each departure from the paper buys\n\n"
+            f"Status: {status}. Machine: {platform.machine()} {cpu}, "
+            f"{os.cpu_count()} CPUs; precision "
+            + ", ".join(sorted({str(r.get('_precision', '?')) for r in results.values()})) + ".\n\n"
             "Written by `jobs/ablation.py` (runs in `" + output + "`). Every run is the demo reduced to "
             + ", ".join(f"`{o}`" for o in REDUCED) + "; every number is on the validation split. `add`, "
             "`remove` and `kept` are judged by the independent judge (`editing.independent.*`; kept: over the "
