@@ -19,6 +19,7 @@ import os
 import sys
 
 import olr_ray
+from olr_ray import ablation
 from olr_ray.config import PRESETS, ConfigError, PipelineConfig, build_config, to_yaml
 from olr_ray.data.celeba import DatasetFormatError
 from olr_ray.edit import edit, edit_grid
@@ -168,8 +169,6 @@ def edit_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 def ablation_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``jobs/ablation.py``: the paper's recipe, the default and each departure alone; a markdown table."""
-    from olr_ray import ablation
-
     p = argparse.ArgumentParser(prog=prog, description=ablation.__doc__.split("\n\n")[0],
                                 epilog="Runs: " + ", ".join(a.name for a in ablation.arms()))
     p.add_argument("--version", action="version", version=f"olr_ray {olr_ray.__version__}")

@@ -218,16 +218,31 @@ def test_job_on_a_corrupt_custom_folder_through_s3_slowdown(tmp_path, s3_endpoin
 # last checkpoint, and the result is within the seed-noise band of clean runs.
 # ---------------------------------------------------------------------------------------------
 
-def _kill_when(predicate, needle: str, found: list, deadline: float = 240.0) -> threading.Thread:
-    """SIGKILL the first process whose command line contains ``needle`` once ``predicate()`` holds."""
+def _ours(proc, session_dir: str) -> bool:
+    """Whether ``proc`` belongs to this test session's Ray: its raylet (an ancestor) names our session folder.
+    Another Ray on the machine (a user's job, a second test run) has workers of the same names."""
     import psutil
+
+    try:
+        return any(session_dir in " ".join(parent.cmdline()) for parent in proc.parents())
+    except psutil.Error:
+        return False
+
+
+def _kill_when(predicate, needle: str, found: list, deadline: float = 240.0) -> threading.Thread:
+    """SIGKILL the first process of this session's Ray whose command line contains ``needle`` once
+    ``predicate()`` holds."""
+    import psutil
+    import ray
+
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
 
     def run():
         t_end = time.time() + deadline
         while time.time() < t_end and not found:
             if predicate():
                 for proc in psutil.process_iter(["pid", "cmdline"]):
-                    if needle in " ".join(proc.info["cmdline"] or []):
+                    if needle in " ".join(proc.info["cmdline"] or []) and _ours(proc, session_dir):
                         os.kill(proc.info["pid"], signal.SIGKILL)
                         found.append(proc.info["pid"])
                         return

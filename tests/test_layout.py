@@ -17,6 +17,7 @@ LAYERS = [
     ("olr_ray.data", "olr_ray.train", "olr_ray.analysis"),
     ("olr_ray.stages", "olr_ray.edit"),
     ("olr_ray.pipeline", "olr_ray.embed_job"),
+    ("olr_ray.ablation",),
     ("olr_ray.cli",),
 ]
 

@@ -254,7 +254,7 @@ def test_synthetic_source_draws_the_generator_faces(request: pytest.FixtureReque
     assert images.dtype == np.uint8 and labels.dtype == np.int8
     np.testing.assert_array_equal(images, ref["image"])
     np.testing.assert_array_equal(labels, ref["labels"][:, keep])
-    assert {r["split"] for r in rows} == {"train", "test"} and all(r["error"] == "" for r in rows)
+    assert {r["split"] for r in rows} == {"train", "valid", "test"} and all(r["error"] == "" for r in rows)
 
 
 def test_the_independent_judge_s_faces_have_no_correlations_to_lean_on():
