@@ -65,7 +65,8 @@ def test_run_layout(smoke):
     assert not os.path.exists(os.path.join(emb, "_staging"))
     assert pq.read_table(os.path.join(root, "errors", "read_errors.parquet")).num_rows == 0
     figures = set(os.listdir(os.path.join(root, "analysis")))
-    assert {"correlation_pair.png", "pca_ranked_strip.png", "reconstructions.png", "gaussians.npz"} <= figures
+    assert {"correlation_pair.png", "pca_ranked_strip.png", "reconstructions.png", "gaussians.npz",
+            "probe_vs_classifier.png", "editing_per_label_independent.png"} <= figures
     report = open(os.path.join(root, "report.md")).read()
     assert "analysis/correlation_pair.png" in report and "probe.test_mean_accuracy" in report
     # Edit grids: on synthetic runs each shows the original and the exact add beside the decoded edits.

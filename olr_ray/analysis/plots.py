@@ -203,6 +203,7 @@ def plot_image_grid(
     row_titles: Sequence[str] | None = None,
     col_titles: Sequence[str] | None = None,
     title: str | None = None,
+    captions: list[list[str]] | None = None,
 ) -> str:
     """A grid of images, e.g. originals vs reconstructions, or original / recon / edited.
 
@@ -213,6 +214,7 @@ def plot_image_grid(
         row_titles: Optional text at the left of each row (e.g. "+Smiling").
         col_titles: Optional text above each column (e.g. "original", "reconstruction").
         title: Optional figure title.
+        captions: Optional text under each image, row by row (e.g. a face's label and two probabilities).
 
     Returns:
         ``path``.
@@ -242,6 +244,8 @@ def plot_image_grid(
                 ax.set_title(col_titles[j], fontsize=8)
             if j == 0 and row_titles is not None:
                 ax.set_ylabel(row_titles[i], fontsize=8, rotation=0, ha="right", va="center")
+            if captions is not None and i < len(captions) and j < len(captions[i]):
+                ax.set_xlabel(captions[i][j], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

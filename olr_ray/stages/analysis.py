@@ -112,7 +112,8 @@ def _probe_vs_classifier(c: _Context, probe: dict[str, Any], images: np.ndarray)
     """Per label, probe against classifier; the faces of the label where they disagree most (the paper's Fig. 3:
     faces the probe gets wrong and the classifier right, and the other way round beside them)."""
     y = c.test.labels == 1
-    probe_seen, clf_seen = M.probe_predict(probe, c.test.E) >= 0.5, c.test.probs >= 0.5
+    probe_p = M.probe_predict(probe, c.test.E)
+    probe_seen, clf_seen = probe_p >= 0.5, c.test.probs >= 0.5
     probe_ok, clf_ok = probe_seen == y, clf_seen == y
     probe_acc, clf_acc = probe_ok.mean(0), clf_ok.mean(0)
     c.figs["Probe vs classifier, per label"] = P.plot_per_label_bars(
@@ -123,12 +124,15 @@ def _probe_vs_classifier(c: _Context, probe: dict[str, Any], images: np.ndarray)
     only_probe = np.flatnonzero(probe_ok[:, j] & ~clf_ok[:, j])
     label = c.names[j]
     if len(only_clf) or len(only_probe):
-        rows = [[images[i] for i in only_clf[:8]], [images[i] for i in only_probe[:8]]]
-        rows = [r if r else [None] for r in rows]
+        picks = [only_clf[:8], only_probe[:8]]
+        rows = [[images[i] for i in p] if len(p) else [None] for p in picks]
+        # Under each face: whether it has the label, and the probe's and the classifier's probability.
+        captions = [[f"{'has' if y[i, j] else 'lacks'} it\nprobe {probe_p[i, j]:.2f}, clf {c.test.probs[i, j]:.2f}"
+                     for i in p] for p in picks]
         c.figs[f"{label}: test faces the probe gets wrong and the classifier right (top), and the reverse"] = \
             P.plot_image_grid(rows, c.fig("probe_wrong_classifier_right.png"),
                               row_titles=["probe wrong,\nclassifier right", "probe right,\nclassifier wrong"],
-                              title=f"{label} (largest classifier - probe gap)")
+                              title=f"{label} (largest classifier - probe gap)", captions=captions)
     return {
         "probe.classifier_test_accuracy_per_label": dict(zip(c.names, map(float, clf_acc))),
         "probe.largest_gap_label": label,
