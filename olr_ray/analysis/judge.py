@@ -74,8 +74,9 @@ def train_independent_judge(names: list[str], size: int, seed: int, images: int,
     x, y = independent_faces(names, images, seed, size)
     xv, yv = independent_faces(names, held_out, seed, size, start=images)
     t_draw = time.perf_counter() - t0
-    torch.manual_seed(seed)
-    model = set_precision(Classifier(len(names), size, width), precision)
+    with torch.random.fork_rng(devices=[]):  # the driver's own random state stays as it was
+        torch.manual_seed(seed)
+        model = set_precision(Classifier(len(names), size, width), precision)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
     steps = epochs * math.ceil(images / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.15)

@@ -253,15 +253,10 @@ def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch
     ) or "neither judge"
     # On synthetic data, exact one-attribute edits judged the same way, drawn beside the decoded adds.
     uids = c.test.uids[:n_edit]
-    judges = {"editing.": clf, **({"editing.independent.": independent} if independent is not None else {})}
+    judges = {editing.CLASSIFIER[0]: clf, **({editing.INDEPENDENT[0]: independent} if independent is not None else {})}
     exact = (editing.exact_edits(judges, c.names, uids, test_images[:n_edit], seed, c.size)
              if run.data.get("kind") == "synthetic" else {})
     out.update(exact)
-    if independent is not None and exact:
-        # The decoder's part under a judge that reads each label from its own drawing: decoded adds as a
-        # share of what the same judge accepts when the edit is drawn exactly.
-        ind = "editing.independent."
-        out[f"{ind}add_over_exact"] = out[f"{ind}add_success"] / max(out[f"{ind}exact_add_success"], 1e-9)
     series = {"add (s=1)": add_by_label}
     if exact:
         series["add, exact edits (the face redrawn with the label set)"] = [
@@ -271,7 +266,10 @@ def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch
         series, c.names, c.fig("editing_per_label.png"), "Editing success per label",
         ylabel="fraction of eligible test images", bar=0.7)
     if independent is not None and exact:
-        ind = "editing.independent."
+        # The decoder's part under a judge that reads each label from its own drawing: decoded adds as a
+        # share of what the same judge accepts when the edit is drawn exactly.
+        ind = editing.INDEPENDENT[0]
+        out[f"{ind}add_over_exact"] = out[f"{ind}add_success"] / max(out[f"{ind}exact_add_success"], 1e-9)
         c.figs["Editing success per label under the independent judge"] = P.plot_per_label_bars(
             {"add (s=1)": [out[f"{ind}add_success_per_label"][n] for n in c.names],
              "add, exact edits": [out[f"{ind}exact_add_success_per_label"][n] for n in c.names],
@@ -325,12 +323,11 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     split = run.cfg.analysis.split  # "test" in a metric's name means this split
     c = _Context(run, run.data["label_names"], run.data["image_size"], emb.select(emb.splits == "train"),
                  emb.select(emb.splits == split))
-    out_split = {"analysis.split": split}
     with c.timed("probe"):
         probe, out = _probe(c)
     with c.timed("correlation"):
         out.update(_correlation(c, emb))
-    out.update(out_split)
+    out["analysis.split"] = split
     with c.timed("test_images"):
         test_uids, test_images = read_split_images(run, plan, split)
     if not np.array_equal(test_uids, c.test.uids):
