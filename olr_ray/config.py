@@ -286,6 +286,8 @@ class PipelineConfig:
     """Train and embed on GPUs: auto uses them when the cluster has any."""
     max_failures: int = 1
     """Worker failures each training stage recovers from (from its last checkpoint)."""
+    resource_wait_s: float = 900.0
+    """How long to wait for an autoscaler to add the GPUs ``use_gpu=true`` needs (0: fail at once)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Compute precision of every model (training, pair labelling, embedding, analysis): bf16 runs the
     models' layers under bfloat16 autocast, with losses, dot products, SSIM and the committed embeddings
@@ -302,6 +304,7 @@ class PipelineConfig:
         p: list[str] = []
         _check(p, self.num_workers >= 0, "num_workers", f"expected >= 0, got {self.num_workers!r}")
         _check(p, self.max_failures >= -1, "max_failures", f"expected >= -1, got {self.max_failures!r}")
+        _check(p, self.resource_wait_s >= 0, "resource_wait_s", f"expected >= 0 seconds, got {self.resource_wait_s!r}")
         for name in ("data", "classifier", "siamese", "embed", "decoder", "analysis"):
             getattr(self, name).validate(p)
         _check_literals(self, "", p)

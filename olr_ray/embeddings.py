@@ -103,14 +103,22 @@ def to_table(uids, image_ids, splits, labels, E, probs, schema: pa.Schema) -> pa
     return pa.Table.from_pydict({f.name: cols[f.name] for f in schema if f.name in cols}, schema=schema)
 
 
+# The Ray node that embedded a row: a column the embedding actors add and write_part takes off (into the manifest).
+NODE_COLUMN = "_olr_node"
+
+
 def write_part(table: pa.Table, staging_uri: str, schema_metadata: dict[str, str]) -> pa.Table:
     """Write one batch to ``staging/part-<min uid>.parquet`` with the file metadata.
 
-    Returns its name, rows and the storage retries the write needed (for the manifest).
+    Returns its name, rows, the storage retries the write needed and the nodes that embedded it (for the manifest).
     """
+    nodes = ""
+    if NODE_COLUMN in table.column_names:
+        nodes = ",".join(sorted(set(table[NODE_COLUMN].to_pylist()) - {None}))
+        table = table.drop_columns([NODE_COLUMN])
     if table.num_rows == 0:
         return pa.table({"file": pa.array([], pa.string()), "rows": pa.array([], pa.int64()),
-                         "retries": pa.array([], pa.int64())})
+                         "retries": pa.array([], pa.int64()), "nodes": pa.array([], pa.string())})
     # Sorted by split, so a split filter skips the other splits' row groups by their statistics.
     table = table.replace_schema_metadata(schema_metadata).sort_by([("split", "ascending"), ("uid", "ascending")])
     name = f"part-{int(pa.compute.min(table['uid']).as_py()):010d}.parquet"
@@ -118,7 +126,8 @@ def write_part(table: pa.Table, staging_uri: str, schema_metadata: dict[str, str
     pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     before = storage.retry_count()
     storage.write_bytes(storage.join(staging_uri, name), sink.getvalue().to_pybytes())
-    return pa.table({"file": [name], "rows": [table.num_rows], "retries": [storage.retry_count() - before]})
+    return pa.table({"file": [name], "rows": [table.num_rows], "retries": [storage.retry_count() - before],
+                     "nodes": [nodes]})
 
 
 def commit(embeddings_uri: str, staging_uri: str, parts: list[tuple[str, int]], manifest: dict[str, Any]) -> dict:

@@ -13,7 +13,13 @@ from typing import Callable
 from olr_ray import storage
 from olr_ray.config import PipelineConfig
 from olr_ray.run import Run, UsageError, default_run_id, utc_now
-from olr_ray.runtime import ResourcePlan, init_ray, plan_resources
+from olr_ray.runtime import (
+    ResourcePlan,
+    acquire_resources,
+    check_shared_output,
+    cluster_nodes,
+    init_ray,
+)
 from olr_ray.stages import BY_NAME, REGISTRY, STAGES
 
 HEADLINE = ["analysis.split", "classifier.test_mean_accuracy", "classifier.val_mean_accuracy", "classifier.majority_baseline", "siamese.dot_r2",
@@ -59,6 +65,28 @@ def _run_stage(run: Run, stage, plan: ResourcePlan, progress: Callable[[str], No
     progress(f"[{stage.NAME}] done in {st['seconds']:.1f}s")
 
 
+def _run_with_replanning(run: Run, stage, plan: ResourcePlan, progress: Callable[[str], None]) -> ResourcePlan:
+    """One stage; when it fails after a node of the plan was lost, the work is planned again on the nodes left
+    and the stage runs again (a training stage from its last checkpoint), once per lost node."""
+    cfg = run.cfg
+    while True:
+        try:
+            _run_stage(run, stage, plan, progress)
+            return plan
+        except Exception:
+            alive = {n.node_id for n in cluster_nodes()}
+            lost = [n for n in plan.node_ids if n not in alive]
+            if not lost or not alive:
+                raise
+            st = run.stage(stage.NAME)
+            st["nodes_lost"] = sorted(set(st.get("nodes_lost", [])) | set(lost))
+            progress(f"[{stage.NAME}] failed after losing {len(lost)} node(s) ({', '.join(n[:8] for n in lost)}); "
+                     f"planning again on the {len(alive)} left and running the stage again from its last checkpoint")
+            plan = acquire_resources(cfg.num_workers, cfg.use_gpu, cfg.resource_wait_s, progress)
+            run.manifest["resources"] = plan.__dict__
+            run.save()
+
+
 def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None = None,
                  stages: list[str] | None = None, progress: Callable[[str], None] = print,
                  dry_run: bool = False) -> Run:
@@ -68,8 +96,9 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
     size the work, say what would run, and stop there, writing nothing.
     """
     # Storage first: bad credentials, a denied or missing bucket fail here, in seconds, before
-    # a Ray cluster is started or joined.
-    run = Run.open(cfg, output, run_id or default_run_id(cfg), STAGES, dry=dry_run)
+    # a Ray cluster is started or joined. Nothing is written until Ray's checks have passed too.
+    run_id = run_id or default_run_id(cfg)
+    run = Run.open(cfg, output, run_id, STAGES, dry=True)
     progress(f"run {run.run_id}: {run.uri}")
     wanted = stages or list(STAGES)
     check_stage_order(run, wanted)
@@ -77,8 +106,8 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
         if stage.NAME in wanted and not run.done(stage.NAME) and hasattr(stage, "precheck"):
             stage.precheck(run)
     init_ray()
-    plan = plan_resources(cfg.num_workers, cfg.use_gpu)
-    run.manifest["resources"] = plan.__dict__
+    plan = acquire_resources(cfg.num_workers, cfg.use_gpu, cfg.resource_wait_s, progress)
+    check_shared_output(output)
     if run.done("data"):
         check_options_against_data(run, wanted)
     if dry_run:
@@ -86,6 +115,8 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
         progress(f"dry run: would run {', '.join(todo) or 'nothing'} "
                  f"(done already: {', '.join(s for s in wanted if run.done(s)) or 'none'}); resources: {plan}")
         return run
+    run = Run.open(cfg, output, run_id, STAGES)
+    run.manifest["resources"] = plan.__dict__
     run.accept_changes()
     for stage in REGISTRY:
         if stage.NAME not in wanted:
@@ -93,7 +124,7 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
         if run.done(stage.NAME):
             progress(f"[{stage.NAME}] already done in this run; skipping")
             continue
-        _run_stage(run, stage, plan, progress)
+        plan = _run_with_replanning(run, stage, plan, progress)
         if stage.NAME == "data":
             check_options_against_data(run, wanted)
     return run

@@ -30,7 +30,7 @@ log = logging.getLogger("olr_ray")
 # OLR_CACHE_SHARE=0 turns the cache off.
 CACHE_SHARE = float(os.environ.get("OLR_CACHE_SHARE", "0.2"))
 # Options that change how a run is carried out, not what it computes: a resume may change them.
-RESULT_NEUTRAL = ("num_workers", "use_gpu", "max_failures", "embed.batch_size", "embed.num_actors")
+RESULT_NEUTRAL = ("num_workers", "use_gpu", "max_failures", "resource_wait_s", "embed.batch_size", "embed.num_actors")
 # Options of the analysis alone: a resume that changes them runs the analysis again.
 ANALYSIS_ONLY = "analysis."
 

@@ -111,14 +111,11 @@ def test_gpus_no_cluster_has_fail_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("gpus, workers", [(0, 2), (1, 1), (4, 2)])
-def test_auto_gpus_cap_the_workers_to_the_cluster_s(monkeypatch, gpus, workers):
+def test_auto_gpus_cap_the_workers_to_the_cluster_s(gpus, workers):
     """use_gpu=auto on a cluster of `gpus` GPUs, 2 workers asked: GPU workers capped to the GPUs there are."""
-    import ray
+    from olr_ray.runtime import Node, plan_resources
 
-    from olr_ray.runtime import plan_resources
-
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(gpus)})
-    plan = plan_resources(2, "auto")
+    plan = plan_resources(2, "auto", [Node("head", "10.0.0.1", 16.0, float(gpus))])
     assert plan.use_gpu is (gpus > 0) and plan.num_workers == workers
 
 

@@ -13,10 +13,20 @@ import pyarrow as pa
 import olr_ray
 from olr_ray import storage
 from olr_ray.analysis.metrics import norm_ratio, norm_ratios
-from olr_ray.embeddings import SCHEMA_VERSION, STAGING, commit, embedding_schema, file_metadata, load_embeddings, to_table, write_part
+from olr_ray.embeddings import (
+    NODE_COLUMN,
+    SCHEMA_VERSION,
+    STAGING,
+    commit,
+    embedding_schema,
+    file_metadata,
+    load_embeddings,
+    to_table,
+    write_part,
+)
 from olr_ray.models.inference import ModelActor, actor_precision
 from olr_ray.run import Run
-from olr_ray.runtime import ResourcePlan
+from olr_ray.runtime import ResourcePlan, node_id
 
 NAME = "embed"
 REQUIRES = ("data", "classifier", "siamese")
@@ -32,6 +42,7 @@ class Embedder(ModelActor):
     def __init__(self, siamese_uri: str, classifier_uri: str, metadata: dict[str, str], threads: int = 1,
                  use_gpu: bool = False, precision: str = "auto"):
         super().__init__(threads, use_gpu, precision)
+        self.node = node_id()
         self.siamese = self.load(siamese_uri)
         self.classifier = self.load(classifier_uri)
         self.schema = embedding_schema(json.loads(metadata["olr.label_names"]), self.siamese.k, metadata)
@@ -44,7 +55,9 @@ class Embedder(ModelActor):
         labels = batch["labels"]
         if labels.dtype == object:
             labels = np.stack(labels)
-        return to_table(batch["uid"], batch["image_id"], batch["split"], labels, E, probs, self.schema)
+        table = to_table(batch["uid"], batch["image_id"], batch["split"], labels, E, probs, self.schema)
+        # Where this batch was embedded, for the manifest; write_part takes the column off before writing.
+        return table.append_column(NODE_COLUMN, pa.array([self.node] * table.num_rows, pa.string()))
 
 
 def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_uri: str, label_names: list[str],
@@ -68,7 +81,9 @@ def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_u
 
     metadata = file_metadata(label_names, k, run_id, siamese_uri)
     staging = storage.join(embeddings_uri, STAGING, uuid.uuid4().hex[:12])
-    actor_args: dict[str, Any] = {"num_gpus": 1} if plan.use_gpu else {"num_cpus": plan.task_cpus}
+    # The models are small: GPU actors take a share of a GPU each (plan.gpus_per_actor), so several embed at once.
+    actor_args: dict[str, Any] = ({"num_gpus": plan.gpus_per_actor or 1, "num_cpus": plan.task_cpus} if plan.use_gpu
+                                  else {"num_cpus": plan.task_cpus})
     # Resolved once, where the actors will run, so every actor embeds at the one precision the manifest names.
     precision = ray.get(ray.remote(actor_precision).options(**actor_args).remote(precision, plan.use_gpu))
     embedded = images_ds.map_batches(
@@ -94,7 +109,8 @@ def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_u
         "schema_version": SCHEMA_VERSION, "run_id": run_id, "model": siamese_uri, "classifier": classifier_uri, "label_names": label_names, "k": k,
         "schema": embedding_schema(label_names, k, metadata).to_string(show_schema_metadata=False),
         "olr_ray_version": olr_ray.__version__, "config": config or {},
-        "storage_retries": int(sum(int(r["retries"]) for r in rows)), "precision": precision, **(extra or {}),
+        "storage_retries": int(sum(int(r["retries"]) for r in rows)), "precision": precision,
+        "nodes": sorted({n for r in rows for n in str(r.get("nodes") or "").split(",") if n}), **(extra or {}),
     }
     return commit(embeddings_uri, staging, parts, manifest)
 
@@ -137,4 +153,5 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     run.record(NAME, norm_metrics(emb.norms, emb.labels, emb.splits, info["label_names"],
                                   s.block_floor * np.sqrt(s.k)))
     return {"rows": manifest["rows"], "files": len(manifest["files"]), "uri": run.path("embeddings"),
-            "storage_retries": manifest.get("storage_retries", 0), "precision": manifest["precision"]}
+            "storage_retries": manifest.get("storage_retries", 0), "precision": manifest["precision"],
+            "nodes": manifest.get("nodes", [])}

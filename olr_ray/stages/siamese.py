@@ -45,4 +45,4 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         "siamese.epochs": m["epoch"],
     })
     return {"checkpoint": res.checkpoint_uri, "eval_split": run.eval_split(), "epochs": m["epoch"], "pairs_last_epoch": m["train_samples"],
-            "storage_retries": res.storage_retries, "precision": res.precision}
+            "storage_retries": res.storage_retries, "nodes": res.nodes, "precision": res.precision}

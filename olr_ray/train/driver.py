@@ -18,6 +18,7 @@ from olr_ray.runtime import ResourcePlan
 from olr_ray.train.loop import latest_checkpoint_uri, train_func
 
 log = logging.getLogger("olr_ray.train")
+CONTROLLER_FAILURE_LIMIT = 3
 
 
 @dataclass
@@ -31,6 +32,11 @@ class FitResult:
     def precision(self) -> str:
         """The precision the training workers ran at (``bf16`` or ``fp32``), as rank 0 resolved it."""
         return str(self.metrics.get("precision") or (self.history[-1].get("precision") if self.history else "fp32"))
+
+    @property
+    def nodes(self) -> list[str]:
+        """The Ray nodes the training workers ran on, over every attempt (a resumed stage adds its new ones)."""
+        return sorted({n for h in self.history for n in h.get("nodes", [])})
 
     @property
     def storage_retries(self) -> int:
@@ -69,12 +75,16 @@ def fit(task, datasets: dict[str, Any], plan: ResourcePlan, checkpoints_uri: str
     if plan.use_gpu and resources is not None:
         resources["GPU"] = 1
     scaling = ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
-                                      resources_per_worker=resources)
+                                      resources_per_worker=resources, placement_strategy=plan.placement)
     run_config = ray.train.RunConfig(
         name=task.name,
         storage_path=path,
         storage_filesystem=fs,
-        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        # A worker group that cannot be placed (its node is gone) times out (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
+        # 60 s) as a controller failure, which Ray Train would retry forever: after a few, fit fails and the
+        # pipeline plans the stage again on the nodes left (olr_ray.pipeline).
+        failure_config=ray.train.FailureConfig(max_failures=max_failures,
+                                               controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
     )
     trainer = TorchTrainer(
         train_func,

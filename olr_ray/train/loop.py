@@ -20,7 +20,7 @@ import torch
 from olr_ray import storage
 from olr_ray.models import save_checkpoint
 from olr_ray.models.precision import resolve_precision, set_precision
-from olr_ray.runtime import seed_everything
+from olr_ray.runtime import node_id, seed_everything
 
 log = logging.getLogger("olr_ray.train")
 LATEST = "latest.json"
@@ -35,6 +35,17 @@ def _all_mean(value: float, count: int) -> float:
     t = torch.tensor([value * count, float(count)], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t[0] / max(t[1], 1.0))
+
+
+def _all_nodes() -> list[str]:
+    """The Ray nodes of every worker of the group, for the manifest (``stages.<name>.nodes``)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node_id()]
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, node_id())
+    return sorted({g for g in gathered if g})
 
 
 def epoch_file(epoch: int) -> str:
@@ -95,6 +106,7 @@ def train_func(config: dict[str, Any]) -> None:
     if rank == 0:
         log.info("[%s] precision %s on %s", task.name, task.precision, device)
     model = ray.train.torch.prepare_model(model) if distributed else model
+    nodes = _all_nodes()
     # The optimizer comes after the model is on its device: load_state_dict puts the saved moments on
     # the parameters' device as it loads, and a later move of the model would leave them on the CPU,
     # so a resumed GPU run would fail at its first step.
@@ -136,7 +148,7 @@ def train_func(config: dict[str, Any]) -> None:
             scheduler.step()
         train_loss = _all_mean(total / max(count, 1), count)
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "train_samples": count * world,
-                                   "lr": lr, "precision": task.precision}
+                                   "lr": lr, "precision": task.precision, "nodes": nodes}
         if state is not None:
             # This attempt resumed (a re-run, or a restart after a lost worker): say from where.
             metrics["resumed_after_epoch"] = state["epoch"] + 1
