@@ -26,6 +26,17 @@ STORAGE_SETTINGS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AW
                     "OLR_S3_MAX_ATTEMPTS", "AWS_EC2_METADATA_DISABLED")
 
 
+# The GPU share of a pair-labelling actor: the classifier it runs is small next to the Siamese network.
+LABELER_GPU_SHARE = 0.25
+
+# Ray Data settings this project sets unless the user has. Ray Data 2.60 reads every Parquet dataset's footers in
+# a pool of 32 actors (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS), each started as its own worker process and each
+# needing a whole free CPU to be placed. On two 2-CPU nodes, the decoder's read started 32 of them at once, they
+# kept dying at startup and the read never finished (the job hung with "Pending Demands: {'CPU': 1.0}: 16+").
+# The prepared data and the embeddings are a few files per split: 4 readers are plenty.
+RAY_DATA_DEFAULTS = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "4"}
+
+
 def _job_env_vars() -> dict[str, str]:
     """Environment variables the submitted job's runtime env already sets (``ray job submit --runtime-env``)."""
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
@@ -65,12 +76,15 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0" if sys.stdout.isatty() else "1")
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = bars  # inherited by a local Ray's workers
+    for k, v in RAY_DATA_DEFAULTS.items():
+        os.environ.setdefault(k, v)
     if os.environ.get("RAY_ADDRESS"):
-        env = {**storage_env(), "RAY_DATA_DISABLE_PROGRESS_BARS": bars}
+        env = {**storage_env(), "RAY_DATA_DISABLE_PROGRESS_BARS": bars,
+               **{k: os.environ[k] for k in RAY_DATA_DEFAULTS}}
         env = {k: v for k, v in env.items() if k not in _job_env_vars()}
         ray.init(log_to_driver=True, runtime_env={"env_vars": env} if env else None)
         if env:
-            log.info("ray: workers get this job's storage settings: %s", ", ".join(sorted(env)))
+            log.info("ray: workers get this job's settings: %s", ", ".join(sorted(env)))
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
                  log_to_driver=True)
@@ -120,8 +134,13 @@ class ResourcePlan:
     nodes with a node for each worker, ``SPREAD`` when there are more workers than nodes, else ``PACK``."""
     gpus_per_actor: float = 0.0
     """GPU share of each model actor (pair labelling, embedding, the analysis' judges) when the job has GPUs."""
+    labeler_gpu: float = 0.0
+    """GPU share of each pair-labelling actor, which runs beside the Siamese training: its workers take the rest of
+    their GPUs (1 - labeler_gpu each), one labelling actor shares each worker's GPU."""
     node_ids: list[str] = field(default_factory=list)
     """The nodes the plan was made for: a stage that fails after one of them is lost is planned again."""
+    actor_nodes: int = 1
+    """Nodes that can hold a model actor (those with GPUs when the plan uses them): embedding starts one on each."""
 
 
 def plan_resources(num_workers: int, use_gpu: str | bool = "auto", nodes: list[Node] | None = None) -> ResourcePlan:
@@ -175,7 +194,8 @@ def plan_resources(num_workers: int, use_gpu: str | bool = "auto", nodes: list[N
         actors = max(actors, min(8, 2 * int(gpus)))
     gpus_per_actor = round(min(1.0, max(0.1, gpus / actors)) if gpu else 0.0, 2) if gpu else 0.0
     return ResourcePlan(num_workers, gpu, per_worker, threads, data_cpus, task_cpus, actors, placement,
-                        gpus_per_actor, [n.node_id for n in nodes])
+                        gpus_per_actor, LABELER_GPU_SHARE if gpu else 0.0, [n.node_id for n in nodes],
+                        max(1, sum(1 for n in nodes if (n.gpus >= 1 if gpu else n.cpus >= task_cpus))))
 
 
 def autoscaler_running() -> bool:

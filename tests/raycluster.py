@@ -92,7 +92,7 @@ def _end(procs: list[subprocess.Popen], temp_dirs: list[str]) -> None:
 
 @contextmanager
 def ray_cluster(logs: str, nodes: int = 1, cpus: int = 2, private: str | None = None,
-                worker_drop_env: tuple[str, ...] = (), node_env: dict[str, str] | None = None):
+                worker_drop_env: tuple[str, ...] = (), node_env: dict[str, str] | None = None, gpus: int = 0):
     """A head (and ``nodes - 1`` more nodes) of ``cpus`` CPUs each, token authentication on.
 
     Args:
@@ -102,6 +102,7 @@ def ray_cluster(logs: str, nodes: int = 1, cpus: int = 2, private: str | None = 
         worker_drop_env: variables the second node does not inherit (e.g. the S3 endpoint, which the job
             must hand to its workers itself).
         node_env: more variables for every node (not for clients).
+        gpus: GPUs the head announces (logical only: a machine without CUDA shows what a GPU stage does there).
     """
     token = secrets.token_hex(32)
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
@@ -117,7 +118,8 @@ def ray_cluster(logs: str, nodes: int = 1, cpus: int = 2, private: str | None = 
         cluster.procs["head"] = subprocess.Popen(
             [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-             f"--num-cpus={cpus}", *_agent_ports(), f"--temp-dir={head_tmp}", "--disable-usage-stats"],
+             f"--num-cpus={cpus}", f"--num-gpus={gpus}", *_agent_ports(), f"--temp-dir={head_tmp}",
+             "--disable-usage-stats"],
             env={**env, **(node_env or {})}, stdout=open(os.path.join(logs, "head.log"), "w"),
             stderr=subprocess.STDOUT, start_new_session=True)
         _wait(cluster, 1, "head")

@@ -30,7 +30,7 @@ def test_job_submit_runs_the_pipeline_on_two_nodes(cluster, s3_bucket, tmp_path)
            "--runtime-env", os.path.join(repo, "cluster", "runtime_env.yaml"), "--",
            "python", "jobs/full_pipeline.py", "--preset", "smoke", "--output", out, "--run-id", "job",
            "data.n_images=300", "classifier.epochs=1", "siamese.epochs=1", "decoder.epochs=1",
-           "analysis.probe_epochs=5"]
+           "analysis.probe_epochs=5", "embed.batch_size=32"]
     t0 = time.time()
     deadline = t0 + 180
     while True:  # the job agent registers a little after the job server answers

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
 from olr_ray.config import UsageError
 from olr_ray.runtime import Node, acquire_resources, plan_resources
+from tests.raycluster import ray_cluster
 
 
 def _nodes(*shape: tuple[float, float]) -> list[Node]:
@@ -61,6 +65,7 @@ def test_gpu_nodes_pack_workers_and_leave_cpus_for_the_actors():
     plan = plan_resources(4, "true", nodes)
     assert plan.use_gpu and plan.placement == "PACK" and plan.cpus_per_worker <= 7.0
     assert 0 < plan.gpus_per_actor <= 1.0
+    assert 0 < plan.labeler_gpu < 1.0  # pair labelling shares the Siamese workers' GPUs
 
 
 def test_auto_caps_gpu_workers_to_the_cluster_s():
@@ -74,3 +79,31 @@ def test_gpus_nobody_can_add_fail_at_once(ray_local):
     with pytest.raises(UsageError, match=r"needs 2 GPU\(s\).*no autoscaler can add them"):
         acquire_resources(2, "true", wait_s=600)
     assert time.time() - t0 < 20
+
+
+@pytest.mark.slow
+def test_a_gpu_stage_without_cuda_fails_clearly(tmp_path):
+    """A head that announces a GPU on a machine without CUDA: the training stage fails naming the problem; it
+    never trains on the CPU instead. (The model actors' own check is below.)"""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with ray_cluster(str(tmp_path / "nodes"), gpus=1) as cluster:
+        res = subprocess.run([sys.executable, "jobs/full_pipeline.py", "--preset", "smoke", "--use-gpu", "true",
+                              "--num-workers", "1", "--output", str(tmp_path / "runs"), "--run-id", "g",
+                              "--stages", "data,classifier", "max_failures=0"],
+                             cwd=repo, env=cluster.job_env(), capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    # Ray Train sets up NCCL for GPU workers, and NCCL finds no GPU.
+    assert "ProcessGroupNCCL is only supported with GPUs, no GPUs found" in out, out[-3000:]
+    assert not list((tmp_path / "runs" / "g" / "checkpoints").rglob("*.pt")), "nothing was trained on the CPU"
+
+
+def test_a_model_actor_given_a_gpu_without_cuda_refuses_to_run_on_the_cpu():
+    import torch
+
+    from olr_ray.models.inference import ModelActor
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="given a GPU .* finds no CUDA device here .* will not run on the CPU"):
+        ModelActor(use_gpu=True)

@@ -41,4 +41,4 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         "classifier.epochs": m["epoch"],
     })
     return {"checkpoint": res.checkpoint_uri, "eval_split": run.eval_split(), "epochs": m["epoch"], "train_samples_last_epoch": m["train_samples"],
-            "storage_retries": res.storage_retries, "nodes": res.nodes, "precision": res.precision}
+            **res.summary}

@@ -102,5 +102,4 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     run.record(NAME, {"decoder.val_loss": m["val_loss"], "decoder.val_ssim": m["val_ssim"],
                       "decoder.val_psnr": m["val_psnr"], "decoder.epochs": m["epoch"],
                       "decoder.val_label_accuracy": m.get("val_label_accuracy", float("nan"))})
-    return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"], "storage_retries": res.storage_retries, "nodes": res.nodes,
-            "precision": res.precision}
+    return {"checkpoint": res.checkpoint_uri, "epochs": m["epoch"], **res.summary}

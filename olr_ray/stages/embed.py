@@ -86,14 +86,23 @@ def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_u
                                   else {"num_cpus": plan.task_cpus})
     # Resolved once, where the actors will run, so every actor embeds at the one precision the manifest names.
     precision = ray.get(ray.remote(actor_precision).options(**actor_args).remote(precision, plan.use_gpu))
+    min_actors = max(1, min(actors or plan.actors, plan.actor_nodes))
+    if min_actors > 1:
+        # Blocks of one batch: Ray Data reads a few small files as one block, which one actor would embed alone.
+        images_ds = images_ds.repartition(target_num_rows_per_block=batch_size)
+        images_ds.context.wait_for_min_actors_s = 600
     embedded = images_ds.map_batches(
         Embedder,
         fn_constructor_kwargs=dict(siamese_uri=siamese_uri, classifier_uri=classifier_uri, metadata=metadata,
                                    threads=max(1, plan.threads_per_worker), use_gpu=plan.use_gpu,
                                    precision=precision),
         batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors or plan.actors),
+        # One actor per node that can hold one (up to the pool's size), spread over the nodes and all started
+        # before the first block is handed out: every node embeds, not just the first whose actor is up.
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, initial_size=min_actors,
+                                           max_size=max(min_actors, actors or plan.actors)),
         batch_format="numpy",
+        scheduling_strategy="SPREAD",
         **actor_args,
     )
     written = embedded.map_batches(

@@ -34,8 +34,9 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     # cost ~10 s an epoch.
     datasets["valid"] = pair_dataset(val, clf, run.cfg.seed, -1, s, plan, shuffle=False,
                                      label_pairs=False, precision=run.cfg.precision).materialize()
+    # On GPUs the labelling actors share the training workers' GPUs (plan.labeler_gpu each).
     res = fit(task, datasets, plan, run.path("checkpoints"), run.cfg.max_failures,
-              split=[f"pairs_{e}" for e in range(s.epochs)])
+              split=[f"pairs_{e}" for e in range(s.epochs)], gpu_per_worker=1.0 - plan.labeler_gpu)
     m = res.metrics
     run.record(NAME, {
         "siamese.val_mse": m["val_loss"],
@@ -45,4 +46,4 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         "siamese.epochs": m["epoch"],
     })
     return {"checkpoint": res.checkpoint_uri, "eval_split": run.eval_split(), "epochs": m["epoch"], "pairs_last_epoch": m["train_samples"],
-            "storage_retries": res.storage_retries, "nodes": res.nodes, "precision": res.precision}
+            **res.summary}

@@ -39,6 +39,16 @@ class FitResult:
         return sorted({n for h in self.history for n in h.get("nodes", [])})
 
     @property
+    def summary(self) -> dict[str, Any]:
+        """What every training stage records in the manifest besides its checkpoint: storage retries, the nodes
+        it ran on, its precision and, on a GPU, rank 0's peak GPU memory."""
+        out = {"storage_retries": self.storage_retries, "nodes": self.nodes, "precision": self.precision}
+        peaks = [h["gpu_peak_mb"] for h in self.history if "gpu_peak_mb" in h]
+        if peaks:
+            out["gpu_peak_mb"] = round(max(peaks), 1)
+        return out
+
+    @property
     def storage_retries(self) -> int:
         """Storage retries of rank 0 over every attempt of the stage, from its checkpoint history.
 
@@ -54,7 +64,7 @@ class FitResult:
 
 
 def fit(task, datasets: dict[str, Any], plan: ResourcePlan, checkpoints_uri: str, max_failures: int = 1,
-        split: list[str] | None = None) -> FitResult:
+        split: list[str] | None = None, gpu_per_worker: float = 1.0) -> FitResult:
     """Train ``task`` with Ray Train and return its final metrics and checkpoint.
 
     Args:
@@ -64,6 +74,8 @@ def fit(task, datasets: dict[str, Any], plan: ResourcePlan, checkpoints_uri: str
         plan: workers, CPUs and GPU use.
         checkpoints_uri: ``<run>/checkpoints`` (local path or ``s3://``).
         max_failures: worker failures to recover from (from the last checkpoint).
+        gpu_per_worker: each worker's GPU share when the plan uses GPUs (less than 1 where Ray Data actors of the
+            same stage share the workers' GPUs).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -73,7 +85,7 @@ def fit(task, datasets: dict[str, Any], plan: ResourcePlan, checkpoints_uri: str
         os.makedirs(path, exist_ok=True)
     resources = {"CPU": plan.cpus_per_worker} if plan.num_workers else None
     if plan.use_gpu and resources is not None:
-        resources["GPU"] = 1
+        resources["GPU"] = gpu_per_worker
     scaling = ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
                                       resources_per_worker=resources, placement_strategy=plan.placement)
     run_config = ray.train.RunConfig(

@@ -160,6 +160,8 @@ def train_func(config: dict[str, Any]) -> None:
             # Where the epoch went (rank 0): waiting for batches, the training steps, validation.
             metrics.update(epoch_seconds=time.time() - t0, data_wait_seconds=wait, step_seconds=train_seconds - wait,
                            validate_seconds=time.time() - t_val)
+            if device.type == "cuda":  # rank 0's peak GPU memory so far (benchmarks/gpu_check.sh reports it)
+                metrics["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             history.append(metrics)
             log.info("[%s] epoch %d/%d %s", task.name, epoch + 1, task.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))

@@ -208,16 +208,22 @@ def pair_dataset(base, classifier_uri: str, seed: int, epoch: int, cfg, plan, sh
     ds = base.select_columns(["uid", "image", "labels"])
     if shuffle:
         ds = ds.random_shuffle(seed=shuffle_seed(seed, epoch), num_cpus=plan.task_cpus)
+    if plan.use_gpu:
+        # One labelling actor per training worker, on a share of its GPU (plan.labeler_gpu); the worker has the rest.
+        pool, gpu_args = max(1, plan.num_workers), {"num_gpus": plan.labeler_gpu}
+    else:
+        pool, gpu_args = plan.actors, {}
     return ds.map_batches(
         PairLabeler,
         fn_constructor_kwargs=dict(
             classifier_uri=classifier_uri, seed=seed, epoch=epoch, target=cfg.target,
             temperature=cfg.temperature, lo=cfg.occlusion_min, hi=cfg.occlusion_max,
             fill=cfg.occlusion_fill, threads=1, prob=cfg.occlusion_prob,
-            label_share=cfg.label_pair_share if label_pairs else 0.0, precision=precision,
+            label_share=cfg.label_pair_share if label_pairs else 0.0, precision=precision, use_gpu=plan.use_gpu,
         ),
         batch_size=2 * cfg.labeler_batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
         num_cpus=plan.task_cpus,
         batch_format="numpy",
+        **gpu_args,
     )
