@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from olr_ray import storage
 from olr_ray.config import UsageError
 
 log = logging.getLogger("olr_ray")
@@ -269,8 +270,6 @@ def check_shared_output(uri: str, nodes: list[Node] | None = None) -> None:
     :class:`UsageError` naming it. ``s3://`` and one-node clusters pass without a check."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from olr_ray import storage
 
     nodes = cluster_nodes() if nodes is None else nodes
     if storage.is_s3(uri) or len(nodes) < 2:
