@@ -108,6 +108,7 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
     init_ray()
     plan = acquire_resources(cfg.num_workers, cfg.use_gpu, cfg.resource_wait_s, progress)
     check_shared_output(output)
+    run.manifest["resources"] = plan.__dict__
     if run.done("data"):
         check_options_against_data(run, wanted)
     if dry_run:
@@ -115,7 +116,7 @@ def run_pipeline(cfg: PipelineConfig, output: str = "./runs", run_id: str | None
         progress(f"dry run: would run {', '.join(todo) or 'nothing'} "
                  f"(done already: {', '.join(s for s in wanted if run.done(s)) or 'none'}); resources: {plan}")
         return run
-    run = Run.open(cfg, output, run_id, STAGES)
+    run = Run.open(cfg, output, run_id, STAGES)  # now written: the folder, its config and manifest
     run.manifest["resources"] = plan.__dict__
     run.accept_changes()
     for stage in REGISTRY:

@@ -30,9 +30,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def two_nodes(tmp_path_factory):
     logs = tmp_path_factory.mktemp("two-nodes")
     private = f"/tmp/olr-private-{os.getpid()}"
-    # A placement Ray Train cannot make any more (its node is gone) fails in 10 s instead of 60 s.
+    # A placement Ray Train cannot make any more (its node is gone) fails in 5 s instead of 60 s.
     with ray_cluster(str(logs), nodes=2, private=private,
-                     node_env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}) as cluster:
+                     node_env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}) as cluster:
         cluster.private = private
         yield cluster
     shutil.rmtree(private, ignore_errors=True)
