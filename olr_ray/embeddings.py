@@ -189,6 +189,17 @@ class Embeddings:
                           self.label_names, self.k, pick(self.norms), pick(self.probs), self.metadata)
 
 
+def find_rows(uids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Row of each ``wanted`` uid in the sorted ``uids`` (an embedding table); a uid that is not there stops
+    the caller: a prepared image with no committed embedding is an error, never a dropped row."""
+    at = np.minimum(np.searchsorted(uids, wanted), len(uids) - 1)
+    missing = uids[at] != wanted
+    if missing.any():
+        raise RuntimeError(f"{int(missing.sum())} prepared image(s) have no committed embedding "
+                           f"(uid {int(wanted[missing][0])}, ...): re-run the embed stage")
+    return at
+
+
 def _fixed(col: pa.ChunkedArray, width: int, dtype, missing: float = 0) -> np.ndarray:
     """A list column as an (N, width) array; null rows become ``missing``."""
     arr = col.combine_chunks()

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import yaml
 
 import olr_ray
@@ -59,6 +60,35 @@ def read_prepared(dirs: list[str], plan: ResourcePlan, columns: list[str] | None
     fs, _ = storage.resolve(dirs[0])
     ds = ray.data.read_parquet([storage.resolve(d)[1] for d in dirs], filesystem=fs, num_cpus=plan.task_cpus)
     return ds.select_columns(columns) if columns else ds
+
+
+def prepared_images(files: list[str], key: str, values: list) -> dict:
+    """The prepared images (uint8 HxWx3) whose ``key`` column (``uid`` or ``image_id``) is in ``values``, read
+    from the Parquet ``files`` without Ray, as ``{value: image}``; only the matching rows are kept in memory.
+    A value with no image is a ``KeyError`` naming it."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    fs, _ = storage.resolve(files[0])
+    table = pads.dataset([storage.resolve(f)[1] for f in files], filesystem=fs, format="parquet").to_table(
+        columns=[key, "image"], filter=pads.field(key).isin(list(values)))
+    if table.num_rows == 0:
+        found: dict = {}
+    else:
+        col = table["image"].combine_chunks()
+        if isinstance(col, pa.ExtensionArray):  # Ray's tensor type, registered when ray is imported
+            shape, col = list(col.type.shape), col.storage
+        else:
+            shape = json.loads(table.schema.field("image").metadata[b"ARROW:extension:metadata"])
+        flat = col.flatten().to_numpy().astype(np.uint8)
+        found = dict(zip(table[key].to_pylist(), flat.reshape(-1, *shape)))
+    missing = [v for v in values if v not in found]
+    if missing:
+        raise KeyError(f"{key}(s) {', '.join(map(str, missing[:5]))} not among the prepared images in "
+                       f"{files[0].rsplit('/', 1)[0]}" + (" and others" if len(files) > 1 else ""))
+    return found
 
 
 def utc_now() -> str:
@@ -217,16 +247,23 @@ class Run:
             raise RuntimeError(f"run {self.run_id}: no prepared images for splits {splits} under {self.path('data')}")
         ds = read_prepared(dirs, plan, columns)
         if cache:
-            import ray
-
             counts = self.data.get("splits", {})
             rows = sum(counts.get(s, 0) for s in (splits or counts))
-            need = rows * (3 * int(self.data.get("image_size", 0)) ** 2 + 512)  # pixels, labels and ids
-            store = float(ray.cluster_resources().get("object_store_memory", 0))
-            if need <= CACHE_SHARE * store:
-                log.info("%s: %d images (%.0f MB) read once into the object store", ",".join(splits or counts),
-                         rows, need / 1e6)
-                return ds.materialize()
-            log.info("%s: %d images (%.0f MB) stream from storage every pass: over %.0f%% of the object store "
-                     "(%.0f MB)", ",".join(splits or counts), rows, need / 1e6, 100 * CACHE_SHARE, store / 1e6)
+            return self.cache(ds, rows, 3 * int(self.data.get("image_size", 0)) ** 2 + 512,  # pixels, labels, ids
+                              ",".join(splits or counts))
+        return ds
+
+    @staticmethod
+    def cache(ds, rows: int, row_bytes: int, what: str):
+        """``ds`` read once into Ray's object store when its ``rows`` of about ``row_bytes`` each take at most
+        ``CACHE_SHARE`` of it, else ``ds`` as it is, streamed from storage on every pass. The log says which."""
+        import ray
+
+        need = rows * row_bytes
+        store = float(ray.cluster_resources().get("object_store_memory", 0))
+        if need <= CACHE_SHARE * store:
+            log.info("%s: %d rows (%.0f MB) read once into the object store", what, rows, need / 1e6)
+            return ds.materialize()
+        log.info("%s: %d rows (%.0f MB) stream from storage every pass: over %.0f%% of the object store (%.0f MB)",
+                 what, rows, need / 1e6, 100 * CACHE_SHARE, store / 1e6)
         return ds

@@ -3,17 +3,15 @@ and prepared images, read from the run folder without Ray (local or ``s3://``)."
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import yaml
 
 from olr_ray import storage
-from olr_ray.run import UsageError
+from olr_ray.run import UsageError, prepared_images
 
 
 @dataclass
@@ -69,21 +67,8 @@ class TrainedRun:
 
     def images(self, image_ids: list[str]) -> dict[str, np.ndarray]:
         """The prepared images (uint8 HxWx3) of some image ids, read from ``data/`` without Ray."""
-        import pyarrow.dataset as pads
-
-        fs, _ = storage.resolve(self.uri)
-        files = [storage.resolve(f)[1] for f in storage.list_files(self.path("data"), ".parquet")
-                 if "part=errors" not in f]
-        table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
-            columns=["image_id", "image"], filter=pads.field("image_id").isin(image_ids))
-        col = table["image"].combine_chunks()
-        if isinstance(col, pa.ExtensionArray):  # Ray's tensor type, registered when ray is imported
-            shape, col = list(col.type.shape), col.storage
-        else:
-            shape = json.loads(table.schema.field("image").metadata[b"ARROW:extension:metadata"])
-        flat = col.flatten().to_numpy().astype(np.uint8)
-        found = dict(zip(table["image_id"].to_pylist(), flat.reshape(-1, *shape)))
-        missing = [i for i in image_ids if i not in found]
-        if missing:
-            raise KeyError(f"image_id(s) {', '.join(missing[:5])} not among the prepared images of {self.uri}")
-        return found
+        files = [f for f in storage.list_files(self.path("data"), ".parquet") if "part=errors" not in f]
+        try:
+            return prepared_images(files, "image_id", image_ids)
+        except KeyError as e:
+            raise KeyError(f"{e.args[0]} (run {self.uri})") from None

@@ -496,7 +496,7 @@ def test_decoder_pairs_each_image_with_its_own_embedding_and_refuses_a_missing_o
     and an image with no committed embedding stops the stage instead of being dropped."""
     import ray
 
-    from olr_ray.stages.analysis import read_split_images
+    from olr_ray.stages.analysis import split_images
     from olr_ray.stages.decoder import _attach_embeddings, embedding_image_pairs
 
     run = Run.open(smoke.cfg, os.path.dirname(smoke.uri), "smoke", STAGES)
@@ -505,7 +505,7 @@ def test_decoder_pairs_each_image_with_its_own_embedding_and_refuses_a_missing_o
     assert len(rows) == 5
     assert {int(r["uid"]) for r in rows} == set(emb.uids[:5].tolist())  # the first rows by uid
     by_uid = dict(zip(emb.uids.tolist(), emb.E.reshape(len(emb), -1)))
-    images = dict(zip(*read_split_images(run, plan_resources(2, "false"), "test")))
+    images = dict(zip(emb.uids[:5].tolist(), split_images(run, "test", emb.uids[:5])))
     for r in rows:
         np.testing.assert_array_equal(r["embedding"], by_uid[int(r["uid"])])
         np.testing.assert_array_equal(r["image"], images[int(r["uid"])])

@@ -32,15 +32,16 @@ def as_stored(rec: torch.Tensor, size: int) -> torch.Tensor:
 
 def classify_reconstruction(classifier, rec: torch.Tensor, size: int) -> np.ndarray:
     """Classifier probabilities on decoded images (resized back to the input size, in [0,1])."""
-    return torch.sigmoid(batched(classifier, as_stored(rec, size))).numpy()
+    return torch.sigmoid(batched(classifier, as_stored(rec, size))).float().cpu().numpy()
 
 
 def judge_decoded(classifier, siamese, rec: torch.Tensor, size: int, *others) -> tuple[np.ndarray, ...]:
     """Decoded images (resized and quantised as stored, once) read by every judge: the classifier's
     probabilities (N, L), the Siamese network's embeddings (N, L, k), then each of ``others``' probabilities."""
     stored = as_stored(rec, size)
-    return (torch.sigmoid(batched(classifier, stored)).numpy(), batched(siamese, stored).numpy(),
-            *(torch.sigmoid(batched(m, stored)).numpy() for m in others))
+    host = lambda t: t.float().cpu().numpy()  # noqa: E731
+    return (host(torch.sigmoid(batched(classifier, stored))), host(batched(siamese, stored)),
+            *(host(torch.sigmoid(batched(m, stored))) for m in others))
 
 
 # Where each judge's verdicts go in metrics.json: (prefix, suffix) around the metric's name.
@@ -103,28 +104,25 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.n
     return out, add_by_label[0], rem_by_label[0]
 
 
-def exact_edits(judges: dict[str, Callable[[torch.Tensor], torch.Tensor]], names: list[str], uids: np.ndarray,
+def exact_edits(judge: Callable[[np.ndarray], dict[str, np.ndarray]], names: list[str], uids: np.ndarray,
                 stored: np.ndarray, seed: int, size: int) -> dict[str, Any]:
     """Editing success when decoding loses nothing, on the synthetic faces.
 
     The generator redraws the same test faces the edits use with only the edited attribute set
-    (add) or cleared (remove), and each judge (``judges``: metric prefix -> model giving logits) judges those
-    renders exactly as it judges the decoded edits: the share of edits the judge accepts when the one change
+    (add) or cleared (remove), and each judge (``judge(images)``: metric prefix -> probabilities) reads those
+    renders exactly as it reads the decoded edits: the share of edits the judge accepts when the one change
     is drawn perfectly. Where a judge reads a label from its correlates (a mustache on a woman's face, which
     the data never shows), even a perfect edit fails. It is a reference, not a bound: a decoder may draw
     correlated cues along with the label (a smile with an open mouth and raised cheeks) and be
     accepted where the exact one-attribute edit is not.
     """
-    def judge(images: np.ndarray) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(images)
-        return {p: torch.sigmoid(batched(model, x)).numpy() for p, model in judges.items()}
-
     drawn = synthetic.render(synthetic.sample_attributes(seed, uids), seed, uids, size)
     if drawn.shape != stored.shape or not np.array_equal(drawn, stored):
         # Faces from another generator version or seed: the redrawn edits would be of other faces.
         log.warning("exact edits skipped: the generator does not redraw the stored test faces")
         return {}
     base = judge(drawn)
+    judges = list(base)
     res = {p: {"add": {}, "remove": {}} for p in judges}
     keep: dict[str, list[float]] = {p: [] for p in judges}
     for l, name in enumerate(names):

@@ -21,13 +21,15 @@ from olr_ray import storage
 from olr_ray.analysis import editing
 from olr_ray.analysis import metrics as M
 from olr_ray.analysis import plots as P
+from olr_ray.analysis.decoded import DecodedSplit, decode_split, edit_judge, model_bytes
 from olr_ray.analysis.judge import independent_judge
 from olr_ray.analysis.report import measurement_section, run_section, write_report
 from olr_ray.data import synthetic
 from olr_ray.embeddings import Embeddings, load_embeddings
-from olr_ray.models.inference import load_for_inference
+from olr_ray.models.inference import load_for_inference, pool_precision
+from olr_ray.models.nets import load_checkpoint
 from olr_ray.models.precision import resolve_precision
-from olr_ray.run import Run, UsageError
+from olr_ray.run import Run, UsageError, prepared_images
 from olr_ray.runtime import ResourcePlan
 
 NAME = "analysis"
@@ -63,6 +65,9 @@ class _Context:
     size: int
     train: Embeddings
     test: Embeddings
+    split: str
+    """The split the analysis measures on (``analysis.split``): "test" in a metric's name means this split."""
+    plan: ResourcePlan
     tmp: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="olr-analysis-"))
     seconds: dict[str, float] = field(default_factory=dict)
     """Seconds each part took (manifest ``stages.analysis.seconds``)."""
@@ -79,15 +84,13 @@ class _Context:
         return os.path.join(self.tmp, name)
 
 
-def read_split_images(run: Run, plan: ResourcePlan, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uids, images) of one split, sorted by uid."""
-    out_u, out_i = [], []
-    for b in run.read_images([split], plan, ["uid", "image"]).iter_batches(batch_size=1024, batch_format="numpy"):
-        out_u.append(b["uid"])
-        out_i.append(b["image"])
-    u, imgs = np.concatenate(out_u), np.concatenate(out_i)
-    order = np.argsort(u)
-    return u[order], imgs[order]
+def split_images(run: Run, split: str, uids: np.ndarray) -> np.ndarray:
+    """The prepared images of some uids of one split, in that order: only those rows are read into memory."""
+    files = [f for d in run.split_dirs([split]) for f in storage.list_files(d, ".parquet")]
+    if len(uids) == 0:
+        return np.zeros((0, run.data["image_size"], run.data["image_size"], 3), np.uint8)
+    found = prepared_images(files, "uid", [int(u) for u in uids])
+    return np.stack([found[int(u)] for u in uids])
 
 
 def _probe(c: _Context) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -108,7 +111,7 @@ def _probe(c: _Context) -> tuple[dict[str, Any], dict[str, Any]]:
     }
 
 
-def _probe_vs_classifier(c: _Context, probe: dict[str, Any], images: np.ndarray) -> dict[str, Any]:
+def _probe_vs_classifier(c: _Context, probe: dict[str, Any]) -> dict[str, Any]:
     """Per label, probe against classifier; the faces of the label where they disagree most (the paper's Fig. 3:
     faces the probe gets wrong and the classifier right, and the other way round beside them)."""
     y = c.test.labels == 1
@@ -125,7 +128,7 @@ def _probe_vs_classifier(c: _Context, probe: dict[str, Any], images: np.ndarray)
     label = c.names[j]
     if len(only_clf) or len(only_probe):
         picks = [only_clf[:8], only_probe[:8]]
-        rows = [[images[i] for i in p] if len(p) else [None] for p in picks]
+        rows = [list(split_images(c.run, c.split, c.test.uids[p])) if len(p) else [None] for p in picks]
         # Under each face: whether it has the label, and the probe's and the classifier's probability.
         captions = [[f"{'has' if y[i, j] else 'lacks'} it\nprobe {probe_p[i, j]:.2f}, clf {c.test.probs[i, j]:.2f}"
                      for i in p] for p in picks]
@@ -177,7 +180,7 @@ def pca_label(option: str, names: list[str], train_labels: np.ndarray) -> tuple[
                      f"closest to one half ({share[j]:.2f})"
 
 
-def _pca(c: _Context, emb: Embeddings, test_images: np.ndarray) -> dict[str, Any]:
+def _pca(c: _Context, emb: Embeddings) -> dict[str, Any]:
     """PCA of one label's vectors; test images ranked on the first component."""
     label, rule = pca_label(c.run.cfg.analysis.pca_label, c.names, c.train.labels)
     log.info("PCA of the %s block (%s)", label, rule)
@@ -186,26 +189,33 @@ def _pca(c: _Context, emb: Embeddings, test_images: np.ndarray) -> dict[str, Any
     c.figs[f"PCA of {label} embeddings: explained variance"] = P.plot_pca_variance(
         pca["explained_variance_ratio"], c.fig("pca_variance.png"), label)
     proj = (c.test.E[:, li, :] - pca["mean"]) @ pca["components"][0]
+    # The faces the strip shows (evenly through the ranking, as plot_ranked_strip picks them), read alone.
+    shown = np.argsort(proj, kind="stable")[np.unique(np.round(np.linspace(0, len(proj) - 1, min(10, len(proj))))
+                                                       .astype(int))]
     c.figs[f"Test images ranked by their {label} first-component projection"] = P.plot_ranked_strip(
-        test_images, proj, c.fig("pca_ranked_strip.png"), f"Ranked by PC1 of {label}", n=10, value_name="PC1")
+        split_images(c.run, c.split, c.test.uids[shown]), proj[shown], c.fig("pca_ranked_strip.png"),
+        f"Ranked by PC1 of {label}", n=len(shown), value_name="PC1")
     return {"pca.label": label, "pca.label_rule": rule,
             "pca.first_component_auc": M.first_component_auc(proj, c.test.labels[:, li]),
             "pca.explained_variance_ratio": [float(v) for v in pca["explained_variance_ratio"]]}
 
 
-def _reconstruction(c: _Context, decoder, clf, x: torch.Tensor, independent=None) -> tuple[dict[str, Any], np.ndarray]:
-    """The test split decoded from its embeddings: SSIM/PSNR, and how much of each label survives."""
-    rec = editing.batched(decoder.reconstruct, torch.from_numpy(c.test.E))
+def _reconstruction(c: _Context, decoder, dec: DecodedSplit) -> tuple[dict[str, Any], np.ndarray]:
+    """The split decoded from its embeddings (by the actors of :func:`decode_split`): SSIM/PSNR, and how much of
+    each label survives."""
     extra = {}
-    if independent is not None:
+    if "judge_rec_probs" in dec.probs:
         extra["judge.independent.reconstruction_mean_accuracy"] = M.mean_accuracy(
-            editing.classify_reconstruction(independent, rec, c.size), c.test.labels)
-    ssim, psnr = M.ssim_psnr(rec, x)
+            dec.probs["judge_rec_probs"], c.test.labels)
+    ssim, psnr = dec.ssim_psnr()
     # The classifier on the decoded test faces: how much of each label survives decoding, the
     # ceiling of editing success (edits are judged by this same classifier on decoded faces).
-    rec_probs = editing.classify_reconstruction(clf, rec, c.size)
+    rec_probs = dec.probs["rec_probs"]
     recall = M.per_label_recall(rec_probs, c.test.labels)
-    n_show = min(8, len(x))
+    n_show = min(8, len(c.test))
+    with torch.inference_mode():
+        x = decoder.target(split_images(c.run, c.split, c.test.uids[:n_show]))
+        rec = decoder.reconstruct(torch.from_numpy(c.test.E[:n_show]))
     c.figs["Test originals (top) and their reconstructions from the embedding (bottom)"] = P.plot_image_grid(
         [[x[i].numpy() for i in range(n_show)], [rec[i].numpy() for i in range(n_show)]],
         c.fig("reconstructions.png"), row_titles=["original", "reconstruction"])
@@ -217,14 +227,20 @@ def _reconstruction(c: _Context, decoder, clf, x: torch.Tensor, independent=None
         # The originals through the decoded faces' path (centre crop, resized back): what of the gap
         # to classifier.test_mean_accuracy is the decoder's geometry rather than its drawing.
         "reconstruction.classifier_mean_accuracy_cropped_originals": M.mean_accuracy(
-            editing.classify_reconstruction(clf, x, c.size), c.test.labels),
+            dec.probs["crop_probs"], c.test.labels),
         **extra,
     }, recall
 
 
-def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch.Tensor, test_images: np.ndarray,
-             recall: np.ndarray, independent=None) -> dict[str, Any]:
-    """Per-label Gaussians, then every label added and removed on the first test faces, judged on the decoded faces."""
+def _editing(c: _Context, decoder, actor, probe: dict[str, Any], recall: np.ndarray, independent: bool
+             ) -> dict[str, Any]:
+    """Per-label Gaussians, then every label added and removed on the first test faces, judged on the decoded faces.
+
+    ``actor``: an :class:`olr_ray.analysis.decoded.EditJudge` that decodes and judges every edit (on the job's
+    GPU when it has one); ``decoder`` draws the figures here.
+    """
+    import ray
+
     run, cfg, seed = c.run, c.run.cfg.analysis, c.run.cfg.seed
     g = M.fit_label_gaussians(c.train.E, c.train.labels)
     np.savez(c.fig("gaussians.npz"), mean=g["mean"], cov=g["cov"], count=g["count"], label_names=np.array(c.names))
@@ -237,12 +253,10 @@ def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch
     # classifier. With the defaults the classifier is the judge the decoder never saw.
 
     # On synthetic runs a third: the independent judge, trained on faces whose attributes are independent.
-    keys = [editing.CLASSIFIER, editing.REEMBEDDED] + ([editing.INDEPENDENT] if independent is not None else [])
+    keys = [editing.CLASSIFIER, editing.REEMBEDDED] + ([editing.INDEPENDENT] if independent else [])
 
     def judge(E: np.ndarray) -> tuple[np.ndarray, ...]:
-        rec = editing.batched(decoder.reconstruct, torch.from_numpy(E))
-        probs, reembedded, *rest = editing.judge_decoded(clf, siamese, rec, c.size,
-                                                         *([independent] if independent is not None else []))
+        probs, reembedded, *rest = ray.get(actor.judge.remote(E))
         return (probs, M.probe_predict(probe, reembedded), *rest)
 
     out, add_by_label, rem_by_label = editing.edit_success(judge, E0, g, c.names, cfg.edit_scales, seed, keys)
@@ -253,8 +267,10 @@ def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch
     ) or "neither judge"
     # On synthetic data, exact one-attribute edits judged the same way, drawn beside the decoded adds.
     uids = c.test.uids[:n_edit]
-    judges = {editing.CLASSIFIER[0]: clf, **({editing.INDEPENDENT[0]: independent} if independent is not None else {})}
-    exact = (editing.exact_edits(judges, c.names, uids, test_images[:n_edit], seed, c.size)
+    originals = split_images(run, c.split, uids)
+    prefixes = [editing.CLASSIFIER[0]] + ([editing.INDEPENDENT[0]] if independent else [])
+    read = lambda images: dict(zip(prefixes, ray.get(actor.classify.remote(images))))  # noqa: E731
+    exact = (editing.exact_edits(read, c.names, uids, originals, seed, c.size)
              if run.data.get("kind") == "synthetic" else {})
     out.update(exact)
     series = {"add (s=1)": add_by_label}
@@ -265,7 +281,7 @@ def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch
     c.figs["Editing success per label (judged by the classifier on the decoded images)"] = P.plot_per_label_bars(
         series, c.names, c.fig("editing_per_label.png"), "Editing success per label",
         ylabel="fraction of eligible test images", bar=0.7)
-    if independent is not None and exact:
+    if independent and exact:
         # The decoder's part under a judge that reads each label from its own drawing: decoded adds as a
         # share of what the same judge accepts when the edit is drawn exactly.
         ind = editing.INDEPENDENT[0]
@@ -278,7 +294,7 @@ def _editing(c: _Context, decoder, clf, siamese, probe: dict[str, Any], x: torch
             "Editing success per label, independent judge", ylabel="fraction of eligible test images", bar=0.9)
     redraw = (lambda name: synthetic.set_and_render(uids[:4], name, 1, seed, c.size)[0]) if exact else None
     c.figs.update(editing.editing_figures(decoder, g, E0, c.names, cfg.edit_scales, c.fig, seed,
-                                          originals=x[:n_edit], exact=redraw))
+                                          originals=decoder.target(originals[:4]), exact=redraw))
     return out
 
 
@@ -317,49 +333,63 @@ def _publish(c: _Context, decoder_out: int | None) -> list[str]:
 
 
 def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
+    """The analysis. What sits in this process is the embeddings (N x L x k float32 for every split: about 1.2 GB
+    for CelebA with k=32) and per-image numbers; the split's images are decoded and judged by Ray Data actors
+    (:func:`decode_split`), the edits by one actor (:class:`EditJudge`), each on a GPU share when the job has
+    GPUs, and only the faces the figures show are read here."""
     check(run)  # run_pipeline checked already; a direct call too
     torch.set_num_threads(max(1, int(os.cpu_count() or 1)))
     emb = load_embeddings(run.path("embeddings"))
     split = run.cfg.analysis.split  # "test" in a metric's name means this split
     c = _Context(run, run.data["label_names"], run.data["image_size"], emb.select(emb.splits == "train"),
-                 emb.select(emb.splits == split))
+                 emb.select(emb.splits == split), split, plan)
     with c.timed("probe"):
         probe, out = _probe(c)
     with c.timed("correlation"):
         out.update(_correlation(c, emb))
     out["analysis.split"] = split
-    with c.timed("test_images"):
-        test_uids, test_images = read_split_images(run, plan, split)
-    if not np.array_equal(test_uids, c.test.uids):
-        raise RuntimeError(f"{split} images and {split} embeddings disagree on uids")
     with c.timed("pca"):
-        out.update(_pca(c, emb, test_images))
-        out.update(_probe_vs_classifier(c, probe, test_images))
-    precision = resolve_precision(run.cfg.precision, "cpu")  # the analysis runs its models here, in the driver
-    # Each trained model is read once: for judging, re-embedding and its training curves.
-    (clf, clf_state), (siamese, siamese_state) = (load_for_inference(run.stage(s)["checkpoint"], precision)
-                                                  for s in ("classifier", "siamese"))
-    independent = None
+        out.update(_pca(c, emb))
+        out.update(_probe_vs_classifier(c, probe))
+    # The actors' precision, resolved where they run; the figures' few decodes run here, at this machine's.
+    precision = pool_precision(run.cfg.precision, plan)
+    here = resolve_precision(run.cfg.precision, "cpu")
+    ckpt = {s: run.stage(s).get("checkpoint") for s in ("classifier", "siamese", "decoder")}
+    independent = judge_bytes = None
     if run.data.get("kind") == "synthetic" and run.cfg.analysis.judge_images > 0:
         with c.timed("independent_judge"):
             independent, judge_out = independent_judge(
                 storage.join(run.output_root, "_judges"), c.names, c.size, run.cfg.analysis.judge_images,
-                run.cfg.analysis.judge_epochs, precision)
-            probs = torch.sigmoid(editing.batched(independent, torch.from_numpy(test_images))).numpy()
-            judge_out["judge.independent.test_mean_accuracy"] = M.mean_accuracy(probs, c.test.labels)
+                run.cfg.analysis.judge_epochs, here)
+        judge_bytes = model_bytes(independent)
         out.update(judge_out)
-    decoder_out = None
-    if run.stage("decoder").get("checkpoint"):
-        decoder, dstate = load_for_inference(run.stage("decoder")["checkpoint"], precision)
+    decoder_out = decoder = None
+    if ckpt["decoder"]:
+        decoder, dstate = load_for_inference(ckpt["decoder"], here)
         decoder_out = decoder.output_size
-        x = decoder.target(test_images)
+    if decoder is not None or judge_bytes is not None:
+        with c.timed("decode_split"):
+            dec = decode_split(run.read_images([split], plan, ["uid", "image"]), c.test, ckpt["decoder"],
+                               ckpt["classifier"], judge_bytes, c.size, decoder_out or 0, plan, precision)
+        if judge_bytes is not None:
+            out["judge.independent.test_mean_accuracy"] = M.mean_accuracy(dec.probs["judge_probs"], c.test.labels)
+    if decoder is not None:
         with c.timed("reconstruction"):
-            rec_out, recall = _reconstruction(c, decoder, clf, x, independent)
+            rec_out, recall = _reconstruction(c, decoder, dec)
         out.update(rec_out)
         c.figs["Decoder training"] = P.plot_training_curves(_curves(dstate.get("history", [])),
                                                             c.fig("decoder_curves.png"))
         with c.timed("editing"):
-            out.update(_editing(c, decoder, clf, siamese, probe, x, test_images, recall, independent))
+            actor = edit_judge(plan, precision, decoder=ckpt["decoder"], classifier=ckpt["classifier"],
+                               siamese=ckpt["siamese"], others=[judge_bytes] if judge_bytes else [], size=c.size)
+            try:
+                out.update(_editing(c, decoder, actor, probe, recall, judge_bytes is not None))
+            finally:
+                import ray
+
+                ray.kill(actor)
+    clf_state = load_checkpoint(ckpt["classifier"])[1]  # for its training curves
+    siamese, siamese_state = load_for_inference(ckpt["siamese"], here)
     if run.data.get("kind") == "synthetic" and run.cfg.analysis.disentangle_faces > 0:
         with c.timed("disentanglement"):
             out.update(editing.disentanglement(siamese, c.names, c.size, run.cfg.analysis.disentangle_faces,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from olr_ray.analysis.metrics import fit_label_gaussians
-from olr_ray.embeddings import Embeddings, load_embeddings
+from olr_ray.embeddings import Embeddings, find_rows, load_embeddings
 from olr_ray.run import Run
 from olr_ray.runtime import ResourcePlan
 from olr_ray.stages.common import task_args
@@ -34,11 +34,7 @@ def _attach_embeddings(batch: dict[str, np.ndarray], table) -> dict[str, np.ndar
         _TABLES.clear()
         _TABLES[table.hex()] = ray.get(table)
     uids, E, labels = _TABLES[table.hex()]
-    at = np.minimum(np.searchsorted(uids, batch["uid"]), len(uids) - 1)
-    missing = uids[at] != batch["uid"]
-    if missing.any():
-        raise RuntimeError(f"{int(missing.sum())} prepared image(s) have no committed embedding "
-                           f"(uid {int(batch['uid'][missing][0])}, ...): re-run the embed stage")
+    at = find_rows(uids, batch["uid"])
     return {"uid": batch["uid"], "embedding": E[at], "labels": labels[at], "image": batch["image"]}
 
 
@@ -92,9 +88,12 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     train = split_embeddings(run, "train")  # read once: for the edit Gaussians and the training pairs
     if d.edit_weight > 0:
         task.edit_mean, task.edit_chol = edit_distributions(train)
+    # Paired once and kept in the object store where that takes at most its cache share (pairing every epoch
+    # re-reads the images each time); larger splits (CelebA's: about 19 GB at 178 px) pair again every epoch.
+    row_bytes = 3 * info["image_size"] ** 2 + 4 * train.E[0].size + train.labels.shape[1] + 64
     datasets = {
-        # Paired once and kept in the object store: pairing every epoch would re-read the images each time.
-        "train": embedding_image_pairs(run, plan, "train", emb=train).materialize(),
+        "train": run.cache(embedding_image_pairs(run, plan, "train", emb=train), len(train), row_bytes,
+                           "decoder pairs (train)"),
         "valid": embedding_image_pairs(run, plan, run.eval_split(), limit=512).materialize(),
     }
     res = fit(task, datasets, plan, run.path("checkpoints"), run.cfg.max_failures)

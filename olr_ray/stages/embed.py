@@ -24,7 +24,12 @@ from olr_ray.embeddings import (
     to_table,
     write_part,
 )
-from olr_ray.models.inference import ModelActor, actor_precision
+from olr_ray.models.inference import (
+    ModelActor,
+    actor_pool,
+    actor_resources,
+    pool_precision,
+)
 from olr_ray.run import Run
 from olr_ray.runtime import ResourcePlan, node_id
 
@@ -77,17 +82,12 @@ def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_u
     Returns:
         The committed manifest.
     """
-    import ray
-
     metadata = file_metadata(label_names, k, run_id, siamese_uri)
     staging = storage.join(embeddings_uri, STAGING, uuid.uuid4().hex[:12])
     # The models are small: GPU actors take a share of a GPU each (plan.gpus_per_actor), so several embed at once.
-    actor_args: dict[str, Any] = ({"num_gpus": plan.gpus_per_actor or 1, "num_cpus": plan.task_cpus} if plan.use_gpu
-                                  else {"num_cpus": plan.task_cpus})
-    # Resolved once, where the actors will run, so every actor embeds at the one precision the manifest names.
-    precision = ray.get(ray.remote(actor_precision).options(**actor_args).remote(precision, plan.use_gpu))
-    min_actors = max(1, min(actors or plan.actors, plan.actor_nodes))
-    if min_actors > 1:
+    actor_args = actor_resources(plan)
+    precision = pool_precision(precision, plan)
+    if max(1, min(actors or plan.actors, plan.actor_nodes)) > 1:
         # Blocks of one batch: Ray Data reads a few small files as one block, which one actor would embed alone.
         images_ds = images_ds.repartition(target_num_rows_per_block=batch_size)
         images_ds.context.wait_for_min_actors_s = 600
@@ -99,8 +99,7 @@ def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_u
         batch_size=batch_size,
         # One actor per node that can hold one (up to the pool's size), spread over the nodes and all started
         # before the first block is handed out: every node embeds, not just the first whose actor is up.
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, initial_size=min_actors,
-                                           max_size=max(min_actors, actors or plan.actors)),
+        compute=actor_pool(plan, actors),
         batch_format="numpy",
         scheduling_strategy="SPREAD",
         **actor_args,
