@@ -78,7 +78,7 @@ def embed_images(model: str, data: str, output: str, num_workers: int = 2, use_g
     if not parts:
         raise UsageError(f"{data}: none of its {index.num_rows} images could be read; reasons in "
                          f"{storage.join(output, ERRORS, 'read_errors.parquet')}")
-    images = read_prepared(parts, plan, ["uid", "image_id", "split", "labels", "image"])
+    images = read_prepared(parts, plan, ["uid", "image_id", "split", "labels", "image"], trained.image_size)
     manifest = embed_dataset(images, output, trained.checkpoint("siamese"), trained.checkpoint("classifier"),
                              trained.label_names, trained.k, trained.manifest["run_id"], plan, batch_size,
                              rows_per_file, config=trained.config,

@@ -52,30 +52,59 @@ def config_changes(saved: PipelineConfig, new: PipelineConfig) -> dict[str, tupl
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def read_prepared(dirs: list[str], plan: ResourcePlan, columns: list[str] | None = None):
-    """Prepared images (the folders ``stages.data.prepare`` writes) as a Ray Dataset; read tasks ask for
-    ``plan.task_cpus``."""
+def decode_prepared(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Ray Data batch function: the stored ``image_bytes`` decoded into ``image`` (uint8 size x size x 3)."""
+    from olr_ray.data.celeba import decode_images
+
+    batch["image"] = decode_images(batch.pop("image_bytes"), size)
+    return batch
+
+
+def _encoded(files: list[str]) -> bool:
+    """Whether prepared-image files keep each image encoded (``image_bytes``) rather than as pixels (``image``,
+    runs written before the data copy was compacted)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(files[0])
+    return "image_bytes" in pq.read_schema(path, filesystem=fs).names
+
+
+def read_prepared(dirs: list[str], plan: ResourcePlan, columns: list[str] | None, size: int):
+    """Prepared images (the folders ``stages.data.prepare`` writes) as a Ray Dataset with ``image`` decoded
+    (uint8 ``size`` x ``size`` x 3); read and decode tasks ask for ``plan.task_cpus``."""
     import ray
 
     fs, _ = storage.resolve(dirs[0])
-    ds = ray.data.read_parquet([storage.resolve(d)[1] for d in dirs], filesystem=fs, num_cpus=plan.task_cpus)
-    return ds.select_columns(columns) if columns else ds
+    files = [f for d in dirs for f in storage.list_files(d, ".parquet")]
+    encoded = bool(files) and _encoded(files)
+    read = [c if c != "image" or not encoded else "image_bytes" for c in columns] if columns else None
+    ds = ray.data.read_parquet([storage.resolve(d)[1] for d in dirs], filesystem=fs, num_cpus=plan.task_cpus,
+                               columns=read)
+    if encoded and (columns is None or "image" in columns):
+        ds = ds.map_batches(decode_prepared, fn_kwargs={"size": size}, batch_format="numpy",
+                            num_cpus=plan.task_cpus)
+    return ds
 
 
-def prepared_images(files: list[str], key: str, values: list) -> dict:
-    """The prepared images (uint8 HxWx3) whose ``key`` column (``uid`` or ``image_id``) is in ``values``, read
-    from the Parquet ``files`` without Ray, as ``{value: image}``; only the matching rows are kept in memory.
-    A value with no image is a ``KeyError`` naming it."""
+def prepared_images(files: list[str], key: str, values: list, size: int) -> dict:
+    """The prepared images (uint8 ``size`` x ``size`` x 3) whose ``key`` column (``uid`` or ``image_id``) is in
+    ``values``, read from the Parquet ``files`` without Ray, as ``{value: image}``; only the matching rows are
+    kept in memory. A value with no image is a ``KeyError`` naming it."""
     import json
 
     import pyarrow as pa
     import pyarrow.dataset as pads
 
+    from olr_ray.data.celeba import decode_images
+
     fs, _ = storage.resolve(files[0])
+    encoded = _encoded(files)
     table = pads.dataset([storage.resolve(f)[1] for f in files], filesystem=fs, format="parquet").to_table(
-        columns=[key, "image"], filter=pads.field(key).isin(list(values)))
+        columns=[key, "image_bytes" if encoded else "image"], filter=pads.field(key).isin(list(values)))
     if table.num_rows == 0:
         found: dict = {}
+    elif encoded:
+        found = dict(zip(table[key].to_pylist(), decode_images(table["image_bytes"].to_pylist(), size)))
     else:
         col = table["image"].combine_chunks()
         if isinstance(col, pa.ExtensionArray):  # Ray's tensor type, registered when ray is imported
@@ -245,7 +274,7 @@ class Run:
         dirs = self.split_dirs(splits)
         if not dirs:
             raise RuntimeError(f"run {self.run_id}: no prepared images for splits {splits} under {self.path('data')}")
-        ds = read_prepared(dirs, plan, columns)
+        ds = read_prepared(dirs, plan, columns, int(self.data["image_size"]))
         if cache:
             counts = self.data.get("splits", {})
             rows = sum(counts.get(s, 0) for s in (splits or counts))

@@ -69,6 +69,6 @@ class TrainedRun:
         """The prepared images (uint8 HxWx3) of some image ids, read from ``data/`` without Ray."""
         files = [f for f in storage.list_files(self.path("data"), ".parquet") if "part=errors" not in f]
         try:
-            return prepared_images(files, "image_id", image_ids)
+            return prepared_images(files, "image_id", image_ids, self.image_size)
         except KeyError as e:
             raise KeyError(f"{e.args[0]} (run {self.uri})") from None

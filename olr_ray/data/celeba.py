@@ -261,16 +261,36 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
+def encode_png(image: np.ndarray) -> bytes:
+    """A uint8 HxWx3 image as PNG bytes (lossless; what the data stage keeps of a drawn image)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def decode_images(blobs, size: int) -> np.ndarray:
+    """Encoded images (any format Pillow reads) as one (N, size, size, 3) uint8 array, each through
+    :func:`decode_image`."""
+    out = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
+    for i, b in enumerate(blobs):
+        out[i] = decode_image(bytes(b), size)
+    return out
+
+
 def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Ray Data batch function: read each file through pyarrow and decode it, recording failures.
 
     A missing or undecodable file becomes an ``error`` reason on its row; a storage failure
     that is not about the file itself (access denied, endpoint down) is raised, naming the URI.
+    ``image_bytes`` keeps each file's own bytes (empty where unreadable): the data stage stores those.
     """
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
     images = np.zeros((n, size, size, 3), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
+    blobs = np.full(n, b"", dtype=object)
     fs = storage.resolve(paths[0])[0] if n else None
     for i, uri in enumerate(paths):
         path = storage.resolve(uri)[1] if not storage.is_s3(uri) else uri.split("://", 1)[1]
@@ -287,6 +307,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
             raise storage.StorageError(storage.redact(f"read {uri} failed: {exc}")) from exc
         try:
             images[i] = decode_image(data, size)
+            blobs[i] = data
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
             errors[i] = f"undecodable image: {type(exc).__name__}: {str(exc)[:200]}"
     labels = batch["labels"]
@@ -298,6 +319,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
         "split": batch["split"],
         "labels": labels.astype(np.int8),
         "image": images,
+        "image_bytes": blobs,
         "error": errors.astype(str),
     }
 

@@ -89,7 +89,7 @@ def split_images(run: Run, split: str, uids: np.ndarray) -> np.ndarray:
     files = [f for d in run.split_dirs([split]) for f in storage.list_files(d, ".parquet")]
     if len(uids) == 0:
         return np.zeros((0, run.data["image_size"], run.data["image_size"], 3), np.uint8)
-    found = prepared_images(files, "uid", [int(u) for u in uids])
+    found = prepared_images(files, "uid", [int(u) for u in uids], run.data["image_size"])
     return np.stack([found[int(u)] for u in uids])
 
 

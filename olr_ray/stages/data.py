@@ -1,5 +1,8 @@
 """Data stage: draw or read every image once into ``<run>/data/part=<split>/``.
 
+Each image is stored encoded (``image_bytes``): a CelebA-format source's own file bytes, or a lossless PNG
+of the drawn face; :func:`olr_ray.run.read_prepared` decodes them (crop and resize included) on every read.
+
 The split of every image is also written as ``<run>/data/list_eval_partition.txt`` (CelebA's format), so
 a run's train/valid/test assignment can be read, compared or handed to another tool.
 
@@ -40,6 +43,28 @@ def _tag(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return batch
 
 
+def _compact(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What is stored of each image: its source's own bytes (a CelebA-format file, cropped and resized again on
+    every read) when they take no more than the decoded pixels, else the decoded pixels as PNG (lossless: the
+    synthetic faces, or sources far larger than ``image_size``); nothing for an unreadable image."""
+    images = batch.pop("image")
+    source = batch.pop("image_bytes", None)
+    raw = images[0].nbytes if len(images) else 0
+    ok = batch["error"].astype(str) == ""
+    blobs = np.full(len(images), b"", dtype=object)
+    for i in np.flatnonzero(ok):
+        own = bytes(source[i]) if source is not None else b""
+        blobs[i] = own if own and len(own) <= raw else celeba.encode_png(images[i])
+    batch["image_bytes"] = blobs
+    return batch
+
+
+def _pixels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The decoded pixels alone (``prepare(encode=False)``)."""
+    batch.pop("image_bytes", None)
+    return batch
+
+
 def _count_parts(data_uri: str) -> dict[str, int]:
     fs, _ = storage.resolve(data_uri)
     counts: dict[str, int] = {}
@@ -47,6 +72,15 @@ def _count_parts(data_uri: str) -> dict[str, int]:
         part = f.split("part=")[-1].split("/")[0]
         counts[part] = counts.get(part, 0) + pq.read_metadata(storage.resolve(f)[1], filesystem=fs).num_rows
     return counts
+
+
+def _stored_bytes(data_uri: str) -> int:
+    """Bytes of the prepared images' Parquet files."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(data_uri)
+    return sum(i.size or 0 for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+               if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
 
 def _write_errors(errors_uri: str, data_uri: str, errors: int) -> None:
@@ -75,14 +109,20 @@ def _write_partition(data_uri: str) -> str:
     return uri
 
 
-def prepare(dataset, num_rows: int, data_uri: str, errors_uri: str, plan: ResourcePlan) -> dict[str, int]:
+def prepare(dataset, num_rows: int, data_uri: str, errors_uri: str, plan: ResourcePlan, encode: bool = True
+            ) -> dict[str, int]:
     """Write a source's rows to ``data_uri/part=<split>/`` and its unreadable images to ``errors_uri``.
+
+    ``encode=False`` stores decoded pixels (``image``) instead of ``image_bytes``, as runs before the compact
+    copy did (``benchmarks/data_copy.py`` compares the two; every reader takes either).
 
     Returns the rows per split and ``errors``; raises if any row of the source went missing.
     """
     storage.delete_dir(data_uri)  # a half-written earlier attempt
     fs, path = storage.resolve(data_uri)
-    dataset.map_batches(_tag, batch_format="numpy", num_cpus=plan.task_cpus).write_parquet(
+    tagged = dataset.map_batches(_tag, batch_format="numpy", num_cpus=plan.task_cpus)
+    tagged = tagged.map_batches(_compact if encode else _pixels, batch_format="numpy", num_cpus=plan.task_cpus)
+    tagged.write_parquet(
         path, filesystem=fs, partition_cols=["part"], ray_remote_args={"num_cpus": plan.task_cpus},
         min_rows_per_file=2000)
     counts = _count_parts(data_uri)
@@ -102,6 +142,9 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     _write_partition(run.path("data"))
     errors = counts.pop("errors")
     total = sum(counts.values()) + errors
+    stored = _stored_bytes(run.path("data"))
+    log.info("data: %d images stored in %.1f MB (%.0f bytes each; %d as decoded pixels)", total, stored / 1e6,
+             stored / max(1, total), 3 * src.image_size ** 2)
     return {"rows": total, "rows_ok": total - errors, "errors": errors, "splits": counts,
             "label_names": src.label_names, "image_size": src.image_size, "source": run.cfg.data.source,
-            "kind": src.kind}
+            "kind": src.kind, "stored_bytes": stored, "encoding": "image_bytes"}
