@@ -22,6 +22,7 @@ import yaml
 import olr_ray
 from olr_ray import storage
 from olr_ray.config import PipelineConfig, UsageError, from_dict, to_yaml  # noqa: F401 - UsageError re-exported
+from olr_ray.images import decode_images
 from olr_ray.runtime import ResourcePlan
 
 log = logging.getLogger("olr_ray")
@@ -54,8 +55,6 @@ def config_changes(saved: PipelineConfig, new: PipelineConfig) -> dict[str, tupl
 
 def decode_prepared(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Ray Data batch function: the stored ``image_bytes`` decoded into ``image`` (uint8 size x size x 3)."""
-    from olr_ray.data.celeba import decode_images
-
     batch["image"] = decode_images(batch.pop("image_bytes"), size)
     return batch
 
@@ -94,8 +93,6 @@ def prepared_images(files: list[str], key: str, values: list, size: int) -> dict
 
     import pyarrow as pa
     import pyarrow.dataset as pads
-
-    from olr_ray.data.celeba import decode_images
 
     fs, _ = storage.resolve(files[0])
     encoded = _encoded(files)

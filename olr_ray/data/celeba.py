@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from olr_ray import storage
+from olr_ray.images import decode_image, decode_images, encode_png  # noqa: F401 - part of this module's API
 
 ATTR_FILE = "list_attr_celeba.txt"
 PARTITION_FILE = "list_eval_partition.txt"
@@ -228,7 +229,6 @@ def native_size(uri: str, probe: int = 8) -> int | None:
     The images are the first rows of the attribute file (its first 64 KB are read): listing the
     image folder would cost one request per 1,000 objects, some 200 on CelebA in S3.
     """
-    import io
 
     from PIL import Image
 
@@ -242,41 +242,6 @@ def native_size(uri: str, probe: int = 8) -> int | None:
         except Exception:  # noqa: BLE001 - an unreadable image is reported by the reader itself
             continue
     return None
-
-
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Decode, centre-crop to a square and resize to ``size`` x ``size`` RGB uint8."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        w, h = img.size
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        box = (left, top, left + side, top + side)
-        if side == size:
-            img = img.crop(box)
-        else:
-            img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
-        return np.asarray(img, dtype=np.uint8)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """A uint8 HxWx3 image as PNG bytes (lossless; what the data stage keeps of a drawn image)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
-def decode_images(blobs, size: int) -> np.ndarray:
-    """Encoded images (any format Pillow reads) as one (N, size, size, 3) uint8 array, each through
-    :func:`decode_image`."""
-    out = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
-    for i, b in enumerate(blobs):
-        out[i] = decode_image(bytes(b), size)
-    return out
 
 
 def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
