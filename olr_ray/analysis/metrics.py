@@ -442,7 +442,7 @@ def fit_label_gaussians(E: np.ndarray, labels: np.ndarray, ridge: float = 1e-5) 
         ``count`` (int64 (L,), images with the label) and ``empty`` (bool (L,), True where
         count == 0: mean and cov are then all zeros and the label cannot be added).
     """
-    E = _check_embeddings(E).astype(np.float64)
+    E = _check_embeddings(E)  # each label's rows are cast to float64 alone: no float64 copy of every block
     y = np.asarray(labels).astype(bool)
     if y.shape != E.shape[:2]:
         raise ValueError(f"labels must have shape {E.shape[:2]} to match E, got {y.shape}")
@@ -453,7 +453,7 @@ def fit_label_gaussians(E: np.ndarray, labels: np.ndarray, ridge: float = 1e-5) 
     for l in range(L):
         if count[l] == 0:
             continue
-        X = E[y[:, l], l, :]
+        X = E[y[:, l], l, :].astype(np.float64)
         mean[l] = X.mean(axis=0)
         c = np.cov(X, rowvar=False, ddof=1).reshape(k, k) if count[l] > 1 else np.zeros((k, k))
         scale = float(np.trace(c)) / k
