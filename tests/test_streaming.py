@@ -12,7 +12,7 @@ import torch
 
 from olr_ray.analysis import editing
 from olr_ray.analysis import metrics as M
-from olr_ray.analysis.decoded import decode_split, model_bytes
+from olr_ray.analysis.decoded import decode_split
 from olr_ray.embeddings import Embeddings
 from olr_ray.models.nets import Classifier, Decoder, save_checkpoint
 from olr_ray.runtime import plan_resources
@@ -52,7 +52,7 @@ def _split(n: int):
 def test_a_streamed_split_gives_the_whole_split_s_numbers(ray_local, models):
     dec_uri, clf_uri, judge, decoder, clf = models
     ds, emb = _split(300)
-    out = decode_split(ds.random_shuffle(seed=1), emb, dec_uri, clf_uri, model_bytes(judge), SIZE,
+    out = decode_split(ds.random_shuffle(seed=1), emb, dec_uri, clf_uri, save_checkpoint(judge, "classifier"), SIZE,
                        decoder.output_size, plan_resources(2, "false"), "fp32")
     np.testing.assert_array_equal(out.uids, emb.uids)
     with torch.inference_mode():
@@ -64,6 +64,18 @@ def test_a_streamed_split_gives_the_whole_split_s_numbers(ray_local, models):
         np.testing.assert_allclose(out.probs["crop_probs"], editing.classify_reconstruction(clf, x, SIZE), atol=1e-5)
         np.testing.assert_allclose(out.probs["judge_probs"], torch.sigmoid(judge(torch.from_numpy(images))).numpy(),
                                    atol=1e-5)
+
+
+def test_without_a_decoder_the_judge_alone_reads_the_split(ray_local, models):
+    """A run with no decoder checkpoint still gets the independent judge's reading of its split."""
+    _, clf_uri, judge, _, _ = models
+    ds, emb = _split(50)
+    out = decode_split(ds, emb, None, clf_uri, save_checkpoint(judge, "classifier"), SIZE, 0,
+                       plan_resources(2, "false"), "fp32")
+    assert set(out.probs) == {"judge_probs"} and out.ssim is None
+    with torch.inference_mode():
+        np.testing.assert_allclose(out.probs["judge_probs"],
+                                   torch.sigmoid(judge(torch.from_numpy(_images(emb.uids)))).numpy(), atol=1e-5)
 
 
 def test_an_embedding_row_without_its_image_stops_the_analysis(ray_local, models):

@@ -18,7 +18,7 @@ import torch
 from olr_ray.analysis import editing
 from olr_ray.embeddings import Embeddings, find_rows
 from olr_ray.models.inference import ModelActor, actor_pool, actor_resources
-from olr_ray.models.nets import save_checkpoint, ssim_window
+from olr_ray.models.nets import ssim_window
 from olr_ray.runtime import ResourcePlan
 
 log = logging.getLogger("olr_ray.analysis")
@@ -28,11 +28,6 @@ BATCH = 256
 take about 0.5 GB."""
 
 
-def model_bytes(model: torch.nn.Module, name: str = "classifier") -> bytes:
-    """A model held in memory (the independent judge) as checkpoint bytes an actor loads like a file."""
-    return save_checkpoint(model, name)
-
-
 class SplitJudge(ModelActor):
     """Ray Data actor: a batch of prepared images, each given its committed embedding by uid, decoded and judged.
 
@@ -40,15 +35,17 @@ class SplitJudge(ModelActor):
     :func:`olr_ray.models.nets.ssim_window`), ``sq_err`` (the summed squared error, float64), the classifier's
     probabilities on the reconstruction (``rec_probs``) and on the original through the reconstruction's path
     (``crop_probs``: centre crop, resized back), and with an independent judge its probabilities on the
-    reconstruction and on the original (``judge_rec_probs``, ``judge_probs``).
+    reconstruction and on the original (``judge_rec_probs``, ``judge_probs``). Without a decoder (a run that has
+    not trained one) only ``judge_probs``.
     """
 
-    def __init__(self, decoder: str, classifier: str, judge: bytes | None, table, size: int, threads: int = 1,
+    def __init__(self, decoder: str | None, classifier: str, judge: bytes | None, table, size: int, threads: int = 1,
                  use_gpu: bool = False, precision: str = "auto"):
         import ray
 
         super().__init__(threads, use_gpu, precision)
-        self.decoder, self.classifier = self.load(decoder), self.load(classifier)
+        self.decoder = self.load(decoder) if decoder else None
+        self.classifier = self.load(classifier)
         self.judge = self.load(judge) if judge else None
         self.uids, self.E = ray.get(table[0]) if isinstance(table, list) else table
         self.size = size
@@ -60,6 +57,8 @@ class SplitJudge(ModelActor):
         at = find_rows(self.uids, batch["uid"])
         with torch.inference_mode():
             images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"])).to(dev)
+            if self.decoder is None:
+                return {"uid": batch["uid"], "judge_probs": torch.sigmoid(self.judge(images)).float().cpu().numpy()}
             x = self.decoder.target(images)
             rec = self.decoder.reconstruct(torch.from_numpy(self.E[at]).to(dev)).float()
             win = ssim_window(min(x.shape[-2:]))
@@ -81,8 +80,9 @@ class DecodedSplit:
     """Per-image results of :func:`decode_split`, sorted by uid."""
 
     uids: np.ndarray
-    ssim: np.ndarray
-    sq_err: np.ndarray
+    ssim: np.ndarray | None
+    """None without a decoder, as ``sq_err``."""
+    sq_err: np.ndarray | None
     pixels: int
     """Values per decoded image (3 x out x out): the PSNR's MSE is ``sq_err.sum() / (N * pixels)``."""
     probs: dict[str, np.ndarray]
@@ -94,11 +94,11 @@ class DecodedSplit:
         return float(self.ssim.mean()), float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
 
 
-def decode_split(images, emb: Embeddings, decoder: str, classifier: str, judge: bytes | None, size: int,
+def decode_split(images, emb: Embeddings, decoder: str | None, classifier: str, judge: bytes | None, size: int,
                  out_size: int, plan: ResourcePlan, precision: str) -> DecodedSplit:
     """Every image of ``images`` (a Ray Dataset with ``uid`` and ``image``) decoded from its row of ``emb`` and
-    judged by actors of ``plan``, at ``precision`` (resolved). An image with no row in ``emb``, or a row of
-    ``emb`` with no image, is an error."""
+    judged by actors of ``plan``, at ``precision`` (resolved); with no ``decoder``, read by ``judge`` alone. An
+    image with no row in ``emb``, or a row of ``emb`` with no image, is an error."""
     import ray
 
     table = ray.put((emb.uids, np.ascontiguousarray(emb.E, dtype=np.float32)))
@@ -119,10 +119,11 @@ def decode_split(images, emb: Embeddings, decoder: str, classifier: str, judge: 
     cols = {k: v[order] for k, v in cols.items()}
     if not np.array_equal(cols["uid"], emb.uids):
         extra = np.setdiff1d(emb.uids, cols["uid"])
-        raise RuntimeError(f"{len(extra)} embedding row(s) of the split have no prepared image (uid "
-                           f"{int(extra[0]) if len(extra) else cols['uid'][0]}, ...)" if len(extra) else
-                           "the split's images and embeddings disagree on uids (a uid read twice?)")
-    return DecodedSplit(cols.pop("uid"), cols.pop("ssim"), cols.pop("sq_err"), 3 * out_size ** 2, cols)
+        if len(extra):
+            raise RuntimeError(f"{len(extra)} embedding row(s) of the split have no prepared image (uid "
+                               f"{int(extra[0])}, ...)")
+        raise RuntimeError("the split's images and embeddings disagree on uids (a uid read twice?)")
+    return DecodedSplit(cols.pop("uid"), cols.pop("ssim", None), cols.pop("sq_err", None), 3 * out_size ** 2, cols)
 
 
 class EditJudge(ModelActor):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import matplotlib
 import numpy as np
@@ -156,7 +156,7 @@ def plot_correlation_pair(
 
 
 def plot_ranked_strip(
-    images: np.ndarray,
+    images: np.ndarray | Callable[[np.ndarray], np.ndarray],
     values: np.ndarray,
     path: str,
     title: str,
@@ -166,7 +166,8 @@ def plot_ranked_strip(
     """Images ranked by a value, picked evenly through the ranking (paper Figure 5).
 
     Args:
-        images: (N, H, W, 3) uint8 (or float in [0, 1]) images.
+        images: (N, H, W, 3) uint8 (or float in [0, 1]) images, or a function that gives the images of some
+            indices (in their order), so that only the shown images need be read.
         values: (N,) values to rank by, e.g. the first-PC projection.
         path: Output PNG path.
         title: Figure title.
@@ -177,18 +178,22 @@ def plot_ranked_strip(
     Returns:
         ``path``.
     """
-    images = np.asarray(images)
     values = np.asarray(values, dtype=np.float64).reshape(-1)
-    if len(images) != len(values) or len(values) == 0:
-        raise ValueError(f"images ({len(images)}) and values ({len(values)}) must be non-empty and equal in length")
+    if not callable(images):
+        images = np.asarray(images)
+        if len(images) != len(values):
+            raise ValueError(f"images ({len(images)}) and values ({len(values)}) must be equal in length")
+    if len(values) == 0:
+        raise ValueError("values must be non-empty")
     order = np.argsort(values, kind="stable")
     n = min(n, len(values))
     ranks = np.unique(np.round(np.linspace(0, len(values) - 1, n)).astype(int))
+    shown = images(order[ranks]) if callable(images) else images[order[ranks]]
     fig = _new_figure(1.6 * len(ranks) + 0.4, 2.4)
     for j, rank in enumerate(ranks):
         i = order[rank]
         ax = fig.add_subplot(1, len(ranks), j + 1)
-        ax.imshow(_to_hwc(images[i]), cmap="gray")
+        ax.imshow(_to_hwc(shown[j]), cmap="gray")
         prefix = f"{value_name}=" if value_name else ""
         ax.set_title(f"{prefix}{values[i]:.2f}\nrank {rank}", fontsize=7)
         ax.axis("off")

@@ -21,13 +21,13 @@ from olr_ray import storage
 from olr_ray.analysis import editing
 from olr_ray.analysis import metrics as M
 from olr_ray.analysis import plots as P
-from olr_ray.analysis.decoded import DecodedSplit, decode_split, edit_judge, model_bytes
+from olr_ray.analysis.decoded import DecodedSplit, decode_split, edit_judge
 from olr_ray.analysis.judge import independent_judge
 from olr_ray.analysis.report import measurement_section, run_section, write_report
 from olr_ray.data import synthetic
 from olr_ray.embeddings import Embeddings, load_embeddings
 from olr_ray.models.inference import load_for_inference, pool_precision
-from olr_ray.models.nets import load_checkpoint
+from olr_ray.models.nets import load_checkpoint, save_checkpoint
 from olr_ray.models.precision import resolve_precision
 from olr_ray.run import Run, UsageError, prepared_images
 from olr_ray.runtime import ResourcePlan
@@ -67,7 +67,6 @@ class _Context:
     test: Embeddings
     split: str
     """The split the analysis measures on (``analysis.split``): "test" in a metric's name means this split."""
-    plan: ResourcePlan
     tmp: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="olr-analysis-"))
     seconds: dict[str, float] = field(default_factory=dict)
     """Seconds each part took (manifest ``stages.analysis.seconds``)."""
@@ -189,12 +188,10 @@ def _pca(c: _Context, emb: Embeddings) -> dict[str, Any]:
     c.figs[f"PCA of {label} embeddings: explained variance"] = P.plot_pca_variance(
         pca["explained_variance_ratio"], c.fig("pca_variance.png"), label)
     proj = (c.test.E[:, li, :] - pca["mean"]) @ pca["components"][0]
-    # The faces the strip shows (evenly through the ranking, as plot_ranked_strip picks them), read alone.
-    shown = np.argsort(proj, kind="stable")[np.unique(np.round(np.linspace(0, len(proj) - 1, min(10, len(proj))))
-                                                       .astype(int))]
+    # Only the faces the strip shows are read.
     c.figs[f"Test images ranked by their {label} first-component projection"] = P.plot_ranked_strip(
-        split_images(c.run, c.split, c.test.uids[shown]), proj[shown], c.fig("pca_ranked_strip.png"),
-        f"Ranked by PC1 of {label}", n=len(shown), value_name="PC1")
+        lambda idx: split_images(c.run, c.split, c.test.uids[idx]), proj, c.fig("pca_ranked_strip.png"),
+        f"Ranked by PC1 of {label}", n=10, value_name="PC1")
     return {"pca.label": label, "pca.label_rule": rule,
             "pca.first_component_auc": M.first_component_auc(proj, c.test.labels[:, li]),
             "pca.explained_variance_ratio": [float(v) for v in pca["explained_variance_ratio"]]}
@@ -333,8 +330,8 @@ def _publish(c: _Context, decoder_out: int | None) -> list[str]:
 
 
 def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
-    """The analysis. What sits in this process is the embeddings (N x L x k float32 for every split: about 1.2 GB
-    for CelebA with k=32) and per-image numbers; the split's images are decoded and judged by Ray Data actors
+    """The analysis. What sits in this process is the embeddings (N x L x k float32 for every split: about 1 GB
+    for CelebA with k=32, and a copy of the train split's) and per-image numbers; the split's images are decoded and judged by Ray Data actors
     (:func:`decode_split`), the edits by one actor (:class:`EditJudge`), each on a GPU share when the job has
     GPUs, and only the faces the figures show are read here."""
     check(run)  # run_pipeline checked already; a direct call too
@@ -342,7 +339,7 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     emb = load_embeddings(run.path("embeddings"))
     split = run.cfg.analysis.split  # "test" in a metric's name means this split
     c = _Context(run, run.data["label_names"], run.data["image_size"], emb.select(emb.splits == "train"),
-                 emb.select(emb.splits == split), split, plan)
+                 emb.select(emb.splits == split), split)
     with c.timed("probe"):
         probe, out = _probe(c)
     with c.timed("correlation"):
@@ -361,7 +358,7 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
             independent, judge_out = independent_judge(
                 storage.join(run.output_root, "_judges"), c.names, c.size, run.cfg.analysis.judge_images,
                 run.cfg.analysis.judge_epochs, here)
-        judge_bytes = model_bytes(independent)
+        judge_bytes = save_checkpoint(independent, "classifier")  # the actors load it like a checkpoint file
         out.update(judge_out)
     decoder_out = decoder = None
     if ckpt["decoder"]:
