@@ -97,11 +97,11 @@ def embed_dataset(images_ds, embeddings_uri: str, siamese_uri: str, classifier_u
                                    threads=max(1, plan.threads_per_worker), use_gpu=plan.use_gpu,
                                    precision=precision),
         batch_size=batch_size,
-        # One actor per node that can hold one (up to the pool's size), spread over the nodes and all started
-        # before the first block is handed out: every node embeds, not just the first whose actor is up.
+        # One actor per node that can hold one (up to the pool's size), spread over the nodes (Ray Data's default
+        # scheduling strategy, SPREAD) and all started before the first block is handed out: every node embeds,
+        # not just the first whose actor is up.
         compute=actor_pool(plan, actors),
         batch_format="numpy",
-        scheduling_strategy="SPREAD",
         **actor_args,
     )
     written = embedded.map_batches(
