@@ -102,6 +102,11 @@ def test_metrics_json_has_every_key(smoke):
         assert 0 <= metrics[key] <= 1, key
     assert metrics["editing.independent.add_over_exact"] == pytest.approx(
         metrics["editing.independent.add_success"] / metrics["editing.independent.exact_add_success"])
+    # The same counted only on the faces the exact edit draws on (not where the face has the label already).
+    assert 0 < metrics["editing.exact_add_drawn_share"] < 1
+    for key in ("editing.independent.add_success_drawn", "editing.independent.exact_add_success_drawn",
+                "editing.independent.remove_success_drawn", "editing.add_success_drawn"):
+        assert 0 <= metrics[key] <= 1 or math.isnan(metrics[key]), key
     assert metrics["judge.independent.cached"] is False
     assert len(os.listdir(os.path.join(os.path.dirname(smoke.uri), "_judges"))) == 1
 

@@ -48,64 +48,104 @@ def judge_decoded(classifier, siamese, rec: torch.Tensor, size: int, *others) ->
 CLASSIFIER, REEMBEDDED, INDEPENDENT = ("editing.", ""), ("editing.", "_reembedded"), ("editing.independent.", "")
 
 
+# An exact edit draws on a face when it changes at least DRAWN_SHARE of its pixels (8 of a 64 px face) by more
+# than DRAWN_LEVEL of 255 in some channel. Adding a label the face already has, or one that another attribute
+# hides (earrings under long hair, lipstick under a beard), draws nothing: no judge can see such an edit.
+DRAWN_LEVEL = 24
+DRAWN_SHARE = 8 / 64**2
+
+
+def drawn(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """(N,) bool: the faces where ``after`` differs visibly from ``before`` (uint8 NHWC renders of the same faces)."""
+    moved = np.abs(after.astype(np.int16) - before.astype(np.int16)).max(axis=-1) > DRAWN_LEVEL
+    return moved.mean(axis=(1, 2)) >= DRAWN_SHARE
+
+
+def _on(rows: np.ndarray | None, pb: np.ndarray, pa: np.ndarray, l: int, mode: str) -> dict[str, float]:
+    """:func:`M.editing_success` over the faces ``rows`` only (all of them when ``rows`` is None)."""
+    if rows is not None:
+        pb, pa = pb[rows], pa[rows]
+    return M.editing_success(pb, pa, l, mode)
+
+
 def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.ndarray,
                  g: dict[str, np.ndarray], names: list[str], scales: Sequence[float], seed: int,
-                 keys: Sequence[tuple[str, str]] = (CLASSIFIER, REEMBEDDED)
+                 keys: Sequence[tuple[str, str]] = (CLASSIFIER, REEMBEDDED),
+                 drawn_on: dict[str, np.ndarray] | None = None,
                  ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Every label added (at each scale) and removed on the faces ``E0``, each edit judged by every judge.
 
     ``judge(E)`` gives one reading of the decoded faces per judge, (N, L) probabilities each, in the order of
     ``keys``: the classifier's (the paper's judge, and the unsuffixed keys), the Siamese network's
     re-embedding read by the linear probe (``_reembedded`` keys) and, on synthetic runs, the independent
-    judge's (``editing.independent.*``). Returns the metrics and the per-label add (s=1) and remove success
-    of the first judge.
+    judge's (``editing.independent.*``). With ``drawn_on`` (synthetic runs: mode -> (N, L) bool, where the
+    exact edit draws on the face, from :func:`exact_edits`), the add (s=1) and remove verdicts are also counted
+    over those faces alone (``*_drawn`` keys), the faces where the exact edit is counted. Returns the metrics and
+    the per-label add (s=1) and remove success of the first judge.
     """
     n = len(keys)
     base = judge(E0)
     add, rem, keep, keep_changed = ({j: [] for j in range(n)} for _ in range(4))
+    add_d, rem_d, keep_changed_d = ({j: [] for j in range(n)} for _ in range(3))
     add_by_label, rem_by_label = np.full((n, len(names)), np.nan), np.full((n, len(names)), np.nan)
+    add_by_label_d = np.full((n, len(names)), np.nan)
     by_scale: dict[float, list[float]] = {s: [] for s in scales}
 
-    def verdicts(l: int, mode: str, **kw: Any) -> list[dict[str, float]]:
+    def verdicts(l: int, mode: str, rows: np.ndarray | None = None, **kw: Any
+                 ) -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
         after = judge(M.edit_embeddings(E0, l, mode, g, **kw))
-        return [M.editing_success(base[j], after[j], l, mode) for j in range(n)]
+        every = [M.editing_success(base[j], after[j], l, mode) for j in range(n)]
+        return every, None if rows is None else [_on(rows, base[j], after[j], l, mode) for j in range(n)]
 
-    def collect(r: list[dict[str, float]], into: dict[int, list[float]]) -> None:
+    def collect(r: list[dict[str, float]], into: dict[int, list[float]], kept: list[dict[int, list[float]]]) -> None:
         for j in range(n):
             if not np.isnan(r[j]["target_success"]):
                 into[j].append(r[j]["target_success"])
-            keep[j].append(r[j]["others_preserved"])
-            keep_changed[j].append(r[j]["others_preserved_changed"])
+            for k, key in zip(kept, ("others_preserved", "others_preserved_changed")):
+                k[j].append(r[j][key])
 
+    rows = (lambda mode, l: drawn_on[mode][:, l]) if drawn_on is not None else (lambda mode, l: None)  # noqa: E731
     for l in map(int, np.flatnonzero(~g["empty"])):
         for s in scales:
-            r = verdicts(l, "add", scale=s, seed=seed + l)
+            r, rd = verdicts(l, "add", rows("add", l) if s == 1.0 else None, scale=s, seed=seed + l)
             if not np.isnan(r[0]["target_success"]):
                 by_scale[s].append(r[0]["target_success"])
             if s == 1.0:
                 add_by_label[:, l] = [v["target_success"] for v in r]
-                collect(r, add)
-        r = verdicts(l, "remove")
+                collect(r, add, [keep, keep_changed])
+                if rd is not None:
+                    add_by_label_d[:, l] = [v["target_success"] for v in rd]
+                    collect(rd, add_d, [{j: [] for j in range(n)}, keep_changed_d])
+        r, rd = verdicts(l, "remove", rows("remove", l))
         rem_by_label[:, l] = [v["target_success"] for v in r]
-        collect(r, rem)
+        collect(r, rem, [keep, keep_changed])
+        if rd is not None:
+            collect(rd, rem_d, [{j: [] for j in range(n)}, keep_changed_d])
     mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    # Over the edits that changed their target: an edit that does nothing keeps everything else too.
+    kept = lambda v: mean([x for x in v if not np.isnan(x)])  # noqa: E731
     out: dict[str, Any] = {}
     for j, (prefix, suffix) in enumerate(keys):
         out[f"{prefix}add_success{suffix}"] = mean(add[j])
         out[f"{prefix}remove_success{suffix}"] = mean(rem[j])
         out[f"{prefix}others_preserved{suffix}"] = float(np.nanmean(keep[j])) if keep[j] else float("nan")
-        # Over the edits that changed their target: an edit that does nothing keeps everything else too.
-        done = [v for v in keep_changed[j] if not np.isnan(v)]
-        out[f"{prefix}others_preserved_changed{suffix}"] = float(np.mean(done)) if done else float("nan")
+        out[f"{prefix}others_preserved_changed{suffix}"] = kept(keep_changed[j])
+        if drawn_on is not None:
+            out[f"{prefix}add_success_drawn{suffix}"] = mean(add_d[j])
+            out[f"{prefix}remove_success_drawn{suffix}"] = mean(rem_d[j])
+            out[f"{prefix}others_preserved_changed_drawn{suffix}"] = kept(keep_changed_d[j])
         if not suffix:
             out[f"{prefix}add_success_per_label"] = {nm: float(v) for nm, v in zip(names, add_by_label[j])}
             out[f"{prefix}remove_success_per_label"] = {nm: float(v) for nm, v in zip(names, rem_by_label[j])}
+            if drawn_on is not None:
+                out[f"{prefix}add_success_drawn_per_label"] = {
+                    nm: float(v) for nm, v in zip(names, add_by_label_d[j])}
     out["editing.add_success_by_scale"] = {str(s): mean(v) for s, v in by_scale.items()}
     return out, add_by_label[0], rem_by_label[0]
 
 
 def exact_edits(judge: Callable[[np.ndarray], dict[str, np.ndarray]], names: list[str], uids: np.ndarray,
-                stored: np.ndarray, seed: int, size: int) -> dict[str, Any]:
+                stored: np.ndarray, seed: int, size: int) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """Editing success when decoding loses nothing, on the synthetic faces.
 
     The generator redraws the same test faces the edits use with only the edited attribute set
@@ -115,31 +155,44 @@ def exact_edits(judge: Callable[[np.ndarray], dict[str, np.ndarray]], names: lis
     the data never shows), even a perfect edit fails. It is a reference, not a bound: a decoder may draw
     correlated cues along with the label (a smile with an open mouth and raised cheeks) and be
     accepted where the exact one-attribute edit is not.
+
+    An eligible face (the judge does not see the label) may have the label already, drawn where the judge
+    misses it, or have it hidden by another attribute: the exact edit then draws nothing (:func:`drawn`). The
+    ``*_drawn`` keys count only the faces where it draws something, ``editing.exact_*_drawn_share`` says how
+    many (face, label) edits those are. Returns the metrics and, per mode, the (N, L) faces it draws on
+    (None where the generator does not redraw the stored faces).
     """
-    drawn = synthetic.render(synthetic.sample_attributes(seed, uids), seed, uids, size)
-    if drawn.shape != stored.shape or not np.array_equal(drawn, stored):
+    faces = synthetic.render(synthetic.sample_attributes(seed, uids), seed, uids, size)
+    if faces.shape != stored.shape or not np.array_equal(faces, stored):
         # Faces from another generator version or seed: the redrawn edits would be of other faces.
         log.warning("exact edits skipped: the generator does not redraw the stored test faces")
-        return {}
-    base = judge(drawn)
+        return {}, None
+    base = judge(faces)
     judges = list(base)
-    res = {p: {"add": {}, "remove": {}} for p in judges}
+    res = {p: {"add": {}, "remove": {}, "add_drawn": {}, "remove_drawn": {}} for p in judges}
     keep: dict[str, list[float]] = {p: [] for p in judges}
+    on = {mode: np.zeros((len(uids), len(names)), bool) for mode in ("add", "remove")}
     for l, name in enumerate(names):
         for mode, value in (("add", 1), ("remove", 0)):
-            after = judge(synthetic.set_and_render(uids, name, value, seed, size)[0])
+            edited = synthetic.set_and_render(uids, name, value, seed, size)[0]
+            on[mode][:, l] = drawn(faces, edited)
+            after = judge(edited)
             for p in judges:
                 r = M.editing_success(base[p], after[p], l, mode)
                 res[p][mode][name] = r["target_success"]
+                res[p][f"{mode}_drawn"][name] = _on(on[mode][:, l], base[p], after[p], l, mode)["target_success"]
                 keep[p].append(r["others_preserved"])
     mean = lambda d: float(np.nanmean(list(d.values()))) if any(not np.isnan(v) for v in d.values()) else float("nan")  # noqa: E731
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {f"editing.exact_{mode}_drawn_share": float(on[mode].mean()) for mode in on}
     for p in judges:
         out.update({f"{p}exact_add_success": mean(res[p]["add"]),
                     f"{p}exact_remove_success": mean(res[p]["remove"]),
+                    f"{p}exact_add_success_drawn": mean(res[p]["add_drawn"]),
+                    f"{p}exact_remove_success_drawn": mean(res[p]["remove_drawn"]),
                     f"{p}exact_others_preserved": float(np.nanmean(keep[p])),
-                    f"{p}exact_add_success_per_label": {n: float(v) for n, v in res[p]["add"].items()}})
-    return out
+                    f"{p}exact_add_success_per_label": {n: float(v) for n, v in res[p]["add"].items()},
+                    f"{p}exact_add_success_drawn_per_label": {n: float(v) for n, v in res[p]["add_drawn"].items()}})
+    return out, on
 
 
 def editing_figures(decoder, g, E0, names, scales, fig, seed, originals: torch.Tensor | None = None,

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from olr_ray import storage
 from olr_ray.data import synthetic
+from olr_ray.models.inference import actor_resources, inference_device
 from olr_ray.models.nets import Classifier
-from olr_ray.models.precision import set_precision
+from olr_ray.models.precision import resolve_precision, set_precision
 
 log = logging.getLogger("olr_ray.analysis")
 
@@ -63,12 +64,12 @@ def independent_faces(names: list[str], n: int, seed: int, size: int, start: int
 
 
 def train_independent_judge(names: list[str], size: int, seed: int, images: int, epochs: int, precision: str,
-                            width: int = 32, batch_size: int = 128, held_out: int = 1024
-                            ) -> tuple[Classifier, dict[str, Any]]:
-    """Train the judge on ``images`` independent faces and measure it on ``held_out`` more.
+                            width: int = 32, batch_size: int = 128, held_out: int = 1024,
+                            device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:
+    """Train the judge on ``images`` independent faces and measure it on ``held_out`` more, on ``device``.
 
-    Returns the model (eval mode, at ``precision``) and ``judge.independent.*`` metrics: its mean accuracy on
-    held-out independent faces, per label, and the seconds its faces and its training took.
+    Returns the model (on the CPU, eval mode, at ``precision``) and ``judge.independent.*`` metrics: its mean
+    accuracy on held-out independent faces, per label, and the seconds its faces and its training took.
     """
     t0 = time.perf_counter()
     x, y = independent_faces(names, images, seed, size)
@@ -76,7 +77,7 @@ def train_independent_judge(names: list[str], size: int, seed: int, images: int,
     t_draw = time.perf_counter() - t0
     with torch.random.fork_rng(devices=[]):  # the driver's own random state stays as it was
         torch.manual_seed(seed)
-        model = set_precision(Classifier(len(names), size, width), precision)
+        model = set_precision(Classifier(len(names), size, width), precision).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
     steps = epochs * math.ceil(images / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.15)
@@ -88,7 +89,7 @@ def train_independent_judge(names: list[str], size: int, seed: int, images: int,
         total = 0.0
         for i in range(0, images, batch_size):
             b = order[i:i + batch_size]
-            loss = F.binary_cross_entropy_with_logits(model(xt[b]), yt[b])
+            loss = F.binary_cross_entropy_with_logits(model(xt[b].to(device)), yt[b].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -97,7 +98,9 @@ def train_independent_judge(names: list[str], size: int, seed: int, images: int,
         log.info("independent judge: epoch %d/%d, loss %.4f", epoch + 1, epochs, total / images)
     model.eval()
     with torch.inference_mode():
-        pv = torch.cat([torch.sigmoid(model(torch.from_numpy(xv[i:i + 256]))) for i in range(0, held_out, 256)])
+        pv = torch.cat([torch.sigmoid(model(torch.from_numpy(xv[i:i + 256]).to(device))).cpu()
+                        for i in range(0, held_out, 256)])
+    model.cpu()
     seen = pv.numpy() >= 0.5
     acc = (seen == (yv == 1)).mean(axis=0)
     recall = np.array([seen[yv[:, j] == 1, j].mean() for j in range(len(names))])
@@ -126,11 +129,31 @@ def judge_file(names: list[str], size: int, images: int, epochs: int, width: int
     return f"judge-{size}px-{digest}.pt"
 
 
+def _train_on_device(names: list[str], size: int, seed: int, images: int, epochs: int, precision: str,
+                     width: int, use_gpu: bool) -> tuple[bytes, dict[str, Any]]:
+    """:func:`train_independent_judge` where it runs (a Ray task's GPU, see :func:`independent_judge`), at
+    ``precision`` (a setting, resolved on that device): its weights, saved, and its metrics."""
+    device = inference_device(use_gpu)
+    model, metrics = train_independent_judge(names, size, seed, images, epochs,
+                                             resolve_precision(precision, device), width, device=device)
+    metrics["judge.independent.device"] = device.type
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getvalue(), metrics
+
+
 def independent_judge(cache_dir: str, names: list[str], size: int, images: int, epochs: int, precision: str,
-                      width: int = 32, seed: int = JUDGE_SEED) -> tuple[Classifier, dict[str, Any]]:
+                      width: int = 32, seed: int = JUDGE_SEED, plan=None, setting: str | None = None
+                      ) -> tuple[Classifier, dict[str, Any]]:
     """The independent judge of this recipe: read from ``cache_dir`` (local or ``s3://``) when trained before,
     else trained now and written there. Returns the model (eval mode, at ``precision``) and its metrics
-    (``judge.independent.cached`` says which)."""
+    (``judge.independent.cached`` says which).
+
+    With a ``plan`` (:class:`olr_ray.runtime.ResourcePlan`) whose job has GPUs it trains in a Ray task holding a
+    model actor's GPU share (:func:`olr_ray.models.inference.actor_resources`), at the precision ``setting``
+    (``auto``, ``bf16``, ``fp32``; default ``precision``) resolved on that GPU; otherwise here, on this
+    process' CPU at ``precision``.
+    """
     uri = storage.join(cache_dir, judge_file(names, size, images, epochs, width, seed))
     if storage.exists(uri):
         blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
@@ -142,7 +165,16 @@ def independent_judge(cache_dir: str, names: list[str], size: int, images: int, 
     else:
         log.info("independent judge: training on %d independent faces, %d epochs (once per output folder: "
                  "kept in %s)", images, epochs, uri)
-        model, metrics = train_independent_judge(names, size, seed, images, epochs, precision, width)
+        if plan is not None and plan.use_gpu:
+            import ray
+
+            task = ray.remote(_train_on_device).options(**actor_resources(plan))
+            state, metrics = ray.get(task.remote(names, size, seed, images, epochs, setting or precision, width, True))
+            model = Classifier(len(names), size, width)
+            model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
+        else:
+            model, metrics = train_independent_judge(names, size, seed, images, epochs, precision, width)
+            metrics["judge.independent.device"] = "cpu"
         cached = False
         buf = io.BytesIO()
         torch.save({"state_dict": model.state_dict(), "metrics": metrics}, buf)

@@ -50,6 +50,12 @@ _HEADLINE_LEAVES = (
     "exact_add_success",
     "exact_remove_success",
     "add_over_exact",
+    "add_success_drawn",
+    "remove_success_drawn",
+    "others_preserved_changed_drawn",
+    "exact_add_success_drawn",
+    "exact_remove_success_drawn",
+    "add_over_exact_drawn",
     "heldout_mean_accuracy",
     "own_block_fraction",
 )
@@ -272,7 +278,10 @@ def measurement_section(edit_images: int, size: int, decoder_out: int | None, sy
             "- **Exact edits** (synthetic data). The generator redraws each edited face with only the label "
             "set (add) or cleared (remove), and the classifier judges the full-size renders; eligibility "
             "follows its reading of the original face. They show what a perfectly drawn one-attribute edit "
-            "scores with this judge.")
+            "scores with this judge. Where the judge misses a label the face already has, or another attribute "
+            "hides it (earrings under long hair, lipstick under a beard), the exact edit draws nothing; the "
+            "`*_drawn` keys count, for exact and decoded edits alike, only the faces where the exact edit changes "
+            "the picture (`editing.exact_add_drawn_share` of the (face, label) adds).")
         if judge:
             lines.append(
                 "- **Independent judge** (synthetic data). A classifier trained from the generator alone on "
@@ -282,7 +291,8 @@ def measurement_section(edit_images: int, size: int, decoder_out: int | None, sy
                 "`judge.independent.heldout_mean_accuracy` is its accuracy on independent faces it did not "
                 "train on, `judge.independent.test_mean_accuracy` on this run's images. "
                 "`editing.independent.add_over_exact` is the decoded adds as a share of its exact adds: the "
-                "decoder's part, with the judge's own misses divided out.")
+                "decoder's part, with the judge's own misses divided out (`add_over_exact_drawn`: both on the "
+                "faces the exact add draws on).")
         lines.append("- **Disentanglement** (synthetic data). The same face redrawn with one attribute flipped "
                      "and re-embedded: the share of the squared change of the embedding that falls in that "
                      "attribute's own block (1/L if it spread evenly).")

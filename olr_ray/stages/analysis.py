@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -256,20 +257,22 @@ def _editing(c: _Context, decoder, actor, probe: dict[str, Any], recall: np.ndar
         probs, reembedded, *rest = ray.get(actor.judge.remote(E))
         return (probs, M.probe_predict(probe, reembedded), *rest)
 
-    out, add_by_label, rem_by_label = editing.edit_success(judge, E0, g, c.names, cfg.edit_scales, seed, keys)
+    # On synthetic data, exact one-attribute edits judged the same way, drawn beside the decoded adds; the
+    # faces where they draw something are where the decoded edits are also counted (the *_drawn keys).
+    uids = c.test.uids[:n_edit]
+    originals = split_images(run, c.split, uids)
+    prefixes = [editing.CLASSIFIER[0]] + ([editing.INDEPENDENT[0]] if independent else [])
+    read = lambda images: dict(zip(prefixes, ray.get(actor.classify.remote(images))))  # noqa: E731
+    exact, drawn_on = (editing.exact_edits(read, c.names, uids, originals, seed, c.size)
+                       if run.data.get("kind") == "synthetic" else ({}, None))
+    out, add_by_label, rem_by_label = editing.edit_success(judge, E0, g, c.names, cfg.edit_scales, seed, keys,
+                                                           drawn_on=drawn_on)
+    out.update(exact)
     d = run.cfg.decoder
     out["editing.decoder_trained_through"] = ", ".join(
         name for name, w in (("siamese (flatters the _reembedded judge)", d.edit_weight),
                              ("classifier (flatters the classifier's judgement)", d.label_weight)) if w > 0
     ) or "neither judge"
-    # On synthetic data, exact one-attribute edits judged the same way, drawn beside the decoded adds.
-    uids = c.test.uids[:n_edit]
-    originals = split_images(run, c.split, uids)
-    prefixes = [editing.CLASSIFIER[0]] + ([editing.INDEPENDENT[0]] if independent else [])
-    read = lambda images: dict(zip(prefixes, ray.get(actor.classify.remote(images))))  # noqa: E731
-    exact = (editing.exact_edits(read, c.names, uids, originals, seed, c.size)
-             if run.data.get("kind") == "synthetic" else {})
-    out.update(exact)
     series = {"add (s=1)": add_by_label}
     if exact:
         series["add, exact edits (the face redrawn with the label set)"] = [
@@ -283,9 +286,15 @@ def _editing(c: _Context, decoder, actor, probe: dict[str, Any], recall: np.ndar
         # share of what the same judge accepts when the edit is drawn exactly.
         ind = editing.INDEPENDENT[0]
         out[f"{ind}add_over_exact"] = out[f"{ind}add_success"] / max(out[f"{ind}exact_add_success"], 1e-9)
+        if f"{ind}add_success_drawn" in out:
+            out[f"{ind}add_over_exact_drawn"] = (out[f"{ind}add_success_drawn"]
+                                                 / max(out[f"{ind}exact_add_success_drawn"], 1e-9))
         c.figs["Editing success per label under the independent judge"] = P.plot_per_label_bars(
             {"add (s=1)": [out[f"{ind}add_success_per_label"][n] for n in c.names],
+             "add (s=1), faces the exact add draws on": [
+                 out.get(f"{ind}add_success_drawn_per_label", {}).get(n, np.nan) for n in c.names],
              "add, exact edits": [out[f"{ind}exact_add_success_per_label"][n] for n in c.names],
+             "add, exact edits that draw": [out[f"{ind}exact_add_success_drawn_per_label"][n] for n in c.names],
              "remove": [out[f"{ind}remove_success_per_label"][n] for n in c.names]},
             c.names, c.fig("editing_per_label_independent.png"),
             "Editing success per label, independent judge", ylabel="fraction of eligible test images", bar=0.9)
@@ -340,6 +349,14 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     split = run.cfg.analysis.split  # "test" in a metric's name means this split
     c = _Context(run, run.data["label_names"], run.data["image_size"], emb.select(emb.splits == "train"),
                  emb.select(emb.splits == split), split)
+    try:
+        return _analyse(c, emb, plan)
+    finally:  # the figures' local copies: every one is in the run's analysis/ folder by now
+        shutil.rmtree(c.tmp, ignore_errors=True)
+
+
+def _analyse(c: _Context, emb: Embeddings, plan: ResourcePlan) -> dict[str, Any]:
+    run, split = c.run, c.split
     with c.timed("probe"):
         probe, out = _probe(c)
     with c.timed("correlation"):
@@ -357,7 +374,7 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
         with c.timed("independent_judge"):
             independent, judge_out = independent_judge(
                 storage.join(run.output_root, "_judges"), c.names, c.size, run.cfg.analysis.judge_images,
-                run.cfg.analysis.judge_epochs, here)
+                run.cfg.analysis.judge_epochs, here, plan=plan, setting=run.cfg.precision)
         judge_bytes = save_checkpoint(independent, "classifier")  # the actors load it like a checkpoint file
         out.update(judge_out)
     decoder_out = decoder = None
