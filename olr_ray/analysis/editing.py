@@ -89,7 +89,9 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.n
     add_d, rem_d, keep_changed_d = ({j: [] for j in range(n)} for _ in range(3))
     add_by_label, rem_by_label = np.full((n, len(names)), np.nan), np.full((n, len(names)), np.nan)
     add_by_label_d = np.full((n, len(names)), np.nan)
-    by_scale: dict[float, list[float]] = {s: [] for s in scales}
+    # Add success at every scale, per judge: over every eligible face, and over the drawn ones.
+    by_scale = {j: {s: [] for s in scales} for j in range(n)}
+    by_scale_d = {j: {s: [] for s in scales} for j in range(n)}
 
     def verdicts(l: int, mode: str, rows: np.ndarray | None = None, **kw: Any
                  ) -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
@@ -107,9 +109,11 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.n
     rows = (lambda mode, l: drawn_on[mode][:, l]) if drawn_on is not None else (lambda mode, l: None)  # noqa: E731
     for l in map(int, np.flatnonzero(~g["empty"])):
         for s in scales:
-            r, rd = verdicts(l, "add", rows("add", l) if s == 1.0 else None, scale=s, seed=seed + l)
-            if not np.isnan(r[0]["target_success"]):
-                by_scale[s].append(r[0]["target_success"])
+            r, rd = verdicts(l, "add", rows("add", l), scale=s, seed=seed + l)
+            for j in range(n):
+                for into, rr in ((by_scale, r), (by_scale_d, rd)):
+                    if rr is not None and not np.isnan(rr[j]["target_success"]):
+                        into[j][s].append(rr[j]["target_success"])
             if s == 1.0:
                 add_by_label[:, l] = [v["target_success"] for v in r]
                 collect(r, add, [keep, keep_changed])
@@ -140,7 +144,9 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.n
             if drawn_on is not None:
                 out[f"{prefix}add_success_drawn_per_label"] = {
                     nm: float(v) for nm, v in zip(names, add_by_label_d[j])}
-    out["editing.add_success_by_scale"] = {str(s): mean(v) for s, v in by_scale.items()}
+        out[f"{prefix}add_success_by_scale{suffix}"] = {str(s): mean(v) for s, v in by_scale[j].items()}
+        if drawn_on is not None:
+            out[f"{prefix}add_success_drawn_by_scale{suffix}"] = {str(s): mean(v) for s, v in by_scale_d[j].items()}
     return out, add_by_label[0], rem_by_label[0]
 
 
