@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from olr_ray.models import MODEL_REGISTRY, create_model, decoder_geometry, load_checkpoint, save_checkpoint
+from olr_ray.models import (
+    MODEL_REGISTRY,
+    checkpoint_state,
+    create_model,
+    decoder_geometry,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 L, K = 5, 4
 
@@ -46,6 +53,10 @@ def test_checkpoint_round_trip_carries_constructor_args(name, tmp_path):
     assert state["epoch"] == 3 and type(again) is type(model)
     with torch.inference_mode():
         assert torch.equal(again(x), model(x))
+    # What the driver reads for a stage's curves: the metadata, and no weights in memory.
+    light = checkpoint_state(str(path))
+    assert light["epoch"] == 3 and light["model_name"] == name
+    assert all(t.device.type == "meta" for t in light["state_dict"].values())
 
 
 @pytest.mark.parametrize("activation", ["relu", "abs", "relu_leaky_grad"])

@@ -28,7 +28,7 @@ from olr_ray.analysis.report import measurement_section, run_section, write_repo
 from olr_ray.data import synthetic
 from olr_ray.embeddings import Embeddings, load_embeddings
 from olr_ray.models.inference import load_for_inference, pool_precision
-from olr_ray.models.nets import load_checkpoint, save_checkpoint
+from olr_ray.models.nets import checkpoint_state, save_checkpoint
 from olr_ray.models.precision import resolve_precision
 from olr_ray.run import Run, UsageError, prepared_images
 from olr_ray.runtime import ResourcePlan
@@ -402,7 +402,7 @@ def _analyse(c: _Context, emb: Embeddings, plan: ResourcePlan) -> dict[str, Any]
                 import ray
 
                 ray.kill(actor)
-    clf_state = load_checkpoint(ckpt["classifier"])[1]  # for its training curves
+    clf_state = checkpoint_state(ckpt["classifier"])  # for its training curves
     siamese, siamese_state = load_for_inference(ckpt["siamese"], here)
     if run.data.get("kind") == "synthetic" and run.cfg.analysis.disentangle_faces > 0:
         with c.timed("disentanglement"):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from olr_ray import storage
-from olr_ray.models import load_checkpoint
+from olr_ray.models import checkpoint_state
 from olr_ray.runtime import ResourcePlan
 from olr_ray.train.loop import latest_checkpoint_uri, train_func
 
@@ -112,7 +112,7 @@ def fit(task, datasets: dict[str, Any], plan: ResourcePlan, checkpoints_uri: str
     ckpt_uri = latest_checkpoint_uri(task.checkpoint_dir)
     if ckpt_uri is None:
         raise RuntimeError(f"{task.name}: training finished without a checkpoint under {task.checkpoint_dir}")
-    _, state = load_checkpoint(ckpt_uri)
+    state = checkpoint_state(ckpt_uri)  # its history only: the weights stay on disk
     history = state.get("history", [])
     metrics = dict(result.metrics or (history[-1] if history else {}))
     return FitResult(metrics, ckpt_uri, history)
