@@ -61,11 +61,9 @@ def drawn(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     return moved.mean(axis=(1, 2)) >= DRAWN_SHARE
 
 
-def _on(rows: np.ndarray | None, pb: np.ndarray, pa: np.ndarray, l: int, mode: str) -> dict[str, float]:
-    """:func:`M.editing_success` over the faces ``rows`` only (all of them when ``rows`` is None)."""
-    if rows is not None:
-        pb, pa = pb[rows], pa[rows]
-    return M.editing_success(pb, pa, l, mode)
+def _on(rows: np.ndarray, pb: np.ndarray, pa: np.ndarray, l: int, mode: str) -> dict[str, float]:
+    """:func:`M.editing_success` over the faces ``rows`` only."""
+    return M.editing_success(pb[rows], pa[rows], l, mode)
 
 
 def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.ndarray,
@@ -99,12 +97,14 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.n
         every = [M.editing_success(base[j], after[j], l, mode) for j in range(n)]
         return every, None if rows is None else [_on(rows, base[j], after[j], l, mode) for j in range(n)]
 
-    def collect(r: list[dict[str, float]], into: dict[int, list[float]], kept: list[dict[int, list[float]]]) -> None:
+    def collect(r: list[dict[str, float]], into: dict[int, list[float]], kept: dict[int, list[float]] | None,
+                kept_changed: dict[int, list[float]]) -> None:
         for j in range(n):
             if not np.isnan(r[j]["target_success"]):
                 into[j].append(r[j]["target_success"])
-            for k, key in zip(kept, ("others_preserved", "others_preserved_changed")):
-                k[j].append(r[j][key])
+            if kept is not None:
+                kept[j].append(r[j]["others_preserved"])
+            kept_changed[j].append(r[j]["others_preserved_changed"])
 
     rows = (lambda mode, l: drawn_on[mode][:, l]) if drawn_on is not None else (lambda mode, l: None)  # noqa: E731
     for l in map(int, np.flatnonzero(~g["empty"])):
@@ -116,15 +116,15 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.n
                         into[j][s].append(rr[j]["target_success"])
             if s == 1.0:
                 add_by_label[:, l] = [v["target_success"] for v in r]
-                collect(r, add, [keep, keep_changed])
+                collect(r, add, keep, keep_changed)
                 if rd is not None:
                     add_by_label_d[:, l] = [v["target_success"] for v in rd]
-                    collect(rd, add_d, [{j: [] for j in range(n)}, keep_changed_d])
+                    collect(rd, add_d, None, keep_changed_d)
         r, rd = verdicts(l, "remove", rows("remove", l))
         rem_by_label[:, l] = [v["target_success"] for v in r]
-        collect(r, rem, [keep, keep_changed])
+        collect(r, rem, keep, keep_changed)
         if rd is not None:
-            collect(rd, rem_d, [{j: [] for j in range(n)}, keep_changed_d])
+            collect(rd, rem_d, None, keep_changed_d)
     mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
     # Over the edits that changed their target: an edit that does nothing keeps everything else too.
     kept = lambda v: mean([x for x in v if not np.isnan(x)])  # noqa: E731

@@ -318,8 +318,8 @@ def checkpoint_state(data: bytes | str) -> dict[str, Any]:
     tensor lands on the meta device. For its history and metadata: the driver reads a training stage's curves
     this way (the decoder's 80 MB checkpoint, with its optimizer state, cost the driver about 230 MB loaded whole).
     A local file is opened in place, so only its pickled metadata is read; an ``s3://`` one is downloaded."""
-    if isinstance(data, str) and ("://" not in data or data.startswith("file://")):
-        return torch.load(storage.absolute(data).removeprefix("file://"), map_location="meta", weights_only=False)
+    if isinstance(data, str) and not storage.is_s3(data):
+        return torch.load(storage.resolve(data)[1], map_location="meta", weights_only=False)
     if isinstance(data, str):
         data = storage.read_bytes(data)
     return torch.load(io.BytesIO(data), map_location="meta", weights_only=False)
