@@ -29,7 +29,7 @@ def test_exact_edits_count_only_the_faces_they_draw_on() -> None:
     faces = synthetic.render(synthetic.sample_attributes(0, uids), 0, uids, 64)
     truth = synthetic.sample_attributes(0, uids)[:, [synthetic.ATTRIBUTE_INDEX[n] for n in NAMES]]
     # A judge that never sees a label: every face is eligible for every add, and no add succeeds.
-    blind = lambda images: {"editing.": np.zeros((len(images), len(NAMES)))}  # noqa: E731
+    blind = lambda batches: ({"editing.": np.zeros((len(b), len(NAMES)))} for b in batches)  # noqa: E731
     out, on = editing.exact_edits(blind, NAMES, uids, faces, 0, 64)
     assert on is not None and on["add"].shape == (len(uids), len(NAMES))
     assert not on["add"][truth == 1].any() and not on["remove"][truth == 0].any()
@@ -48,9 +48,9 @@ def test_decoded_edits_counted_on_the_drawn_faces() -> None:
     even = np.arange(n) % 2 == 0
 
     # A judge that sees a label where its block is large, but only on the even faces.
-    def judge(E: np.ndarray) -> tuple[np.ndarray, ...]:
-        seen = (np.linalg.norm(E, axis=2) > 1.0) & even[:, None]
-        return (seen.astype(float),)
+    def judge(batches):
+        for E in batches:
+            yield ((np.linalg.norm(E, axis=2) > 1.0) & even[:, None]).astype(float),
 
     for rows, expected in ((even, 1.0), (~even, 0.0)):
         drawn_on = {"add": np.repeat(rows[:, None], L, 1), "remove": np.repeat(rows[:, None], L, 1)}

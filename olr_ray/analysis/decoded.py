@@ -3,14 +3,16 @@
 - :func:`decode_split`: a split decoded from its committed embeddings and read by the judges, streamed through
   Ray Data actors; the driver keeps per-image numbers only (SSIM, squared error, each judge's L
   probabilities), never the split's images.
-- :class:`EditJudge`: one actor that decodes edited embeddings and reads them with every judge, for
-  :func:`olr_ray.analysis.editing.edit_success`, and reads the exact edits' redrawn faces.
+- :class:`EditJudges`: a pool of :class:`EditJudge` actors that decode edited embeddings and read them with every
+  judge, for :func:`olr_ray.analysis.editing.edit_success`, and read the exact edits' redrawn faces.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -152,9 +154,35 @@ class EditJudge(ModelActor):
         return [torch.sigmoid(editing.batched(m, x)).float().cpu().numpy() for m in (self.classifier, *self.others)]
 
 
-def edit_judge(plan: ResourcePlan, precision: str, **kwargs):
-    """An :class:`EditJudge` actor with a model actor's resources under ``plan``."""
-    import ray
+class EditJudges:
+    """A pool of :class:`EditJudge` actors with a model actor's resources under a plan: as many as the plan's actor
+    pool on GPUs (a share each), else as many as the job's CPUs hold at ``plan.threads_per_worker`` threads each
+    (the analysis trains nothing, so every CPU is free; at least one, at most the plan's actor pool)."""
 
-    return ray.remote(EditJudge).options(**actor_resources(plan)).remote(
-        threads=max(1, plan.threads_per_worker), use_gpu=plan.use_gpu, precision=precision, **kwargs)
+    def __init__(self, plan: ResourcePlan, precision: str, **kwargs):
+        import ray
+
+        threads = max(1, plan.threads_per_worker)
+        cpus = plan.data_cpus + plan.cpus_per_worker * plan.num_workers
+        n = plan.actors if plan.use_gpu else max(1, min(plan.actors, int(cpus // threads)))
+        self.actors = [ray.remote(EditJudge).options(**actor_resources(plan)).remote(
+            threads=threads, use_gpu=plan.use_gpu, precision=precision, **kwargs) for _ in range(n)]
+
+    def map(self, method: str, items: Iterable) -> Iterator:
+        """``method`` of the actors on each of ``items``, results yielded in ``items``' order. Each item is taken
+        (and so made, for a generator) when an actor can take it: at most two calls per actor in flight."""
+        import ray
+
+        pending: deque = deque()
+        for i, item in enumerate(items):
+            pending.append(getattr(self.actors[i % len(self.actors)], method).remote(item))
+            if len(pending) >= 2 * len(self.actors):
+                yield ray.get(pending.popleft())
+        while pending:
+            yield ray.get(pending.popleft())
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)

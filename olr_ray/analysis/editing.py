@@ -3,8 +3,9 @@ synthetic faces, exact one-attribute edits and block disentanglement."""
 
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,23 +67,23 @@ def _on(rows: np.ndarray, pb: np.ndarray, pa: np.ndarray, l: int, mode: str) -> 
     return M.editing_success(pb[rows], pa[rows], l, mode)
 
 
-def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.ndarray,
+def edit_success(judge: Callable[[Iterable[np.ndarray]], Iterator[tuple[np.ndarray, ...]]], E0: np.ndarray,
                  g: dict[str, np.ndarray], names: list[str], scales: Sequence[float], seed: int,
                  keys: Sequence[tuple[str, str]] = (CLASSIFIER, REEMBEDDED),
                  drawn_on: dict[str, np.ndarray] | None = None,
                  ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Every label added (at each scale) and removed on the faces ``E0``, each edit judged by every judge.
 
-    ``judge(E)`` gives one reading of the decoded faces per judge, (N, L) probabilities each, in the order of
-    ``keys``: the classifier's (the paper's judge, and the unsuffixed keys), the Siamese network's
-    re-embedding read by the linear probe (``_reembedded`` keys) and, on synthetic runs, the independent
-    judge's (``editing.independent.*``). With ``drawn_on`` (synthetic runs: mode -> (N, L) bool, where the
-    exact edit draws on the face, from :func:`exact_edits`), the add (s=1) and remove verdicts are also counted
-    over those faces alone (``*_drawn`` keys), the faces where the exact edit is counted. Returns the metrics and
-    the per-label add (s=1) and remove success of the first judge.
+    ``judge(Es)`` reads the decoded faces of each embedding batch of ``Es`` (an iterable, consumed as the
+    judge goes, so it may read several at once) and yields, in ``Es``' order, one reading per judge, (N, L)
+    probabilities each, in the order of ``keys``: the classifier's (the paper's judge, and the unsuffixed
+    keys), the Siamese network's re-embedding read by the linear probe (``_reembedded`` keys) and, on
+    synthetic runs, the independent judge's (``editing.independent.*``). With ``drawn_on`` (synthetic runs:
+    mode -> (N, L) bool, where the exact edit draws on the face, from :func:`exact_edits`), the add (s=1) and
+    remove verdicts are also counted over those faces alone (``*_drawn`` keys), the faces where the exact edit
+    is counted. Returns the metrics and the per-label add (s=1) and remove success of the first judge.
     """
     n = len(keys)
-    base = judge(E0)
     add, rem, keep, keep_changed = ({j: [] for j in range(n)} for _ in range(4))
     add_d, rem_d, keep_changed_d = ({j: [] for j in range(n)} for _ in range(3))
     add_by_label, rem_by_label = np.full((n, len(names)), np.nan), np.full((n, len(names)), np.nan)
@@ -90,12 +91,6 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.n
     # Add success at every scale, per judge: over every eligible face, and over the drawn ones.
     by_scale = {j: {s: [] for s in scales} for j in range(n)}
     by_scale_d = {j: {s: [] for s in scales} for j in range(n)}
-
-    def verdicts(l: int, mode: str, rows: np.ndarray | None = None, **kw: Any
-                 ) -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
-        after = judge(M.edit_embeddings(E0, l, mode, g, **kw))
-        every = [M.editing_success(base[j], after[j], l, mode) for j in range(n)]
-        return every, None if rows is None else [_on(rows, base[j], after[j], l, mode) for j in range(n)]
 
     def collect(r: list[dict[str, float]], into: dict[int, list[float]], kept: dict[int, list[float]] | None,
                 kept_changed: dict[int, list[float]]) -> None:
@@ -106,10 +101,18 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.n
                 kept[j].append(r[j]["others_preserved"])
             kept_changed[j].append(r[j]["others_preserved_changed"])
 
-    rows = (lambda mode, l: drawn_on[mode][:, l]) if drawn_on is not None else (lambda mode, l: None)  # noqa: E731
-    for l in map(int, np.flatnonzero(~g["empty"])):
-        for s in scales:
-            r, rd = verdicts(l, "add", rows("add", l), scale=s, seed=seed + l)
+    # Every edit, in order: each label added at every scale, then removed.
+    edits = [(l, mode, s) for l in map(int, np.flatnonzero(~g["empty"]))
+             for mode, s in [*(("add", s) for s in scales), ("remove", None)]]
+    readings = judge(itertools.chain([E0], (
+        M.edit_embeddings(E0, l, "remove", g) if mode == "remove" else
+        M.edit_embeddings(E0, l, "add", g, scale=s, seed=seed + l) for l, mode, s in edits)))
+    base = next(readings)
+    for (l, mode, s), after in zip(edits, readings):
+        rows = None if drawn_on is None else drawn_on[mode][:, l]
+        r = [M.editing_success(base[j], after[j], l, mode) for j in range(n)]
+        rd = None if rows is None else [_on(rows, base[j], after[j], l, mode) for j in range(n)]
+        if mode == "add":
             for j in range(n):
                 for into, rr in ((by_scale, r), (by_scale_d, rd)):
                     if rr is not None and not np.isnan(rr[j]["target_success"]):
@@ -120,11 +123,11 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.n
                 if rd is not None:
                     add_by_label_d[:, l] = [v["target_success"] for v in rd]
                     collect(rd, add_d, None, keep_changed_d)
-        r, rd = verdicts(l, "remove", rows("remove", l))
-        rem_by_label[:, l] = [v["target_success"] for v in r]
-        collect(r, rem, keep, keep_changed)
-        if rd is not None:
-            collect(rd, rem_d, None, keep_changed_d)
+        else:
+            rem_by_label[:, l] = [v["target_success"] for v in r]
+            collect(r, rem, keep, keep_changed)
+            if rd is not None:
+                collect(rd, rem_d, None, keep_changed_d)
     mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
     # Over the edits that changed their target: an edit that does nothing keeps everything else too.
     kept = lambda v: mean([x for x in v if not np.isnan(x)])  # noqa: E731
@@ -150,13 +153,15 @@ def edit_success(judge: Callable[[np.ndarray], tuple[np.ndarray, ...]], E0: np.n
     return out, add_by_label[0], rem_by_label[0]
 
 
-def exact_edits(judge: Callable[[np.ndarray], dict[str, np.ndarray]], names: list[str], uids: np.ndarray,
+def exact_edits(judge: Callable[[Iterable[np.ndarray]], Iterator[dict[str, np.ndarray]]], names: list[str],
+                uids: np.ndarray,
                 stored: np.ndarray, seed: int, size: int) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """Editing success when decoding loses nothing, on the synthetic faces.
 
     The generator redraws the same test faces the edits use with only the edited attribute set
-    (add) or cleared (remove), and each judge (``judge(images)``: metric prefix -> probabilities) reads those
-    renders exactly as it reads the decoded edits: the share of edits the judge accepts when the one change
+    (add) or cleared (remove), and each judge reads those renders exactly as it reads the decoded edits
+    (``judge(batches)``: for each uint8 NHWC batch, in order, metric prefix -> probabilities; the batches are
+    drawn as the judge consumes them): the share of edits the judge accepts when the one change
     is drawn perfectly. Where a judge reads a label from its correlates (a mustache on a woman's face, which
     the data never shows), even a perfect edit fails. It is a reference, not a bound: a decoder may draw
     correlated cues along with the label (a smile with an open mouth and raised cheeks) and be
@@ -173,21 +178,27 @@ def exact_edits(judge: Callable[[np.ndarray], dict[str, np.ndarray]], names: lis
         # Faces from another generator version or seed: the redrawn edits would be of other faces.
         log.warning("exact edits skipped: the generator does not redraw the stored test faces")
         return {}, None
-    base = judge(faces)
+    on = {mode: np.zeros((len(uids), len(names)), bool) for mode in ("add", "remove")}
+    edits = [(l, name, mode, value) for l, name in enumerate(names) for mode, value in (("add", 1), ("remove", 0))]
+
+    def batches() -> Iterator[np.ndarray]:
+        yield faces
+        for l, name, mode, value in edits:
+            edited = synthetic.set_and_render(uids, name, value, seed, size)[0]
+            on[mode][:, l] = drawn(faces, edited)
+            yield edited
+
+    readings = judge(batches())
+    base = next(readings)
     judges = list(base)
     res = {p: {"add": {}, "remove": {}, "add_drawn": {}, "remove_drawn": {}} for p in judges}
     keep: dict[str, list[float]] = {p: [] for p in judges}
-    on = {mode: np.zeros((len(uids), len(names)), bool) for mode in ("add", "remove")}
-    for l, name in enumerate(names):
-        for mode, value in (("add", 1), ("remove", 0)):
-            edited = synthetic.set_and_render(uids, name, value, seed, size)[0]
-            on[mode][:, l] = drawn(faces, edited)
-            after = judge(edited)
-            for p in judges:
-                r = M.editing_success(base[p], after[p], l, mode)
-                res[p][mode][name] = r["target_success"]
-                res[p][f"{mode}_drawn"][name] = _on(on[mode][:, l], base[p], after[p], l, mode)["target_success"]
-                keep[p].append(r["others_preserved"])
+    for (l, name, mode, _), after in zip(edits, readings):
+        for p in judges:
+            r = M.editing_success(base[p], after[p], l, mode)
+            res[p][mode][name] = r["target_success"]
+            res[p][f"{mode}_drawn"][name] = _on(on[mode][:, l], base[p], after[p], l, mode)["target_success"]
+            keep[p].append(r["others_preserved"])
     mean = lambda d: float(np.nanmean(list(d.values()))) if any(not np.isnan(v) for v in d.values()) else float("nan")  # noqa: E731
     out: dict[str, Any] = {f"editing.exact_{mode}_drawn_share": float(on[mode].mean()) for mode in on}
     for p in judges:

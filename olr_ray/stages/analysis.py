@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from olr_ray import storage
 from olr_ray.analysis import editing
 from olr_ray.analysis import metrics as M
 from olr_ray.analysis import plots as P
-from olr_ray.analysis.decoded import DecodedSplit, decode_split, edit_judge
+from olr_ray.analysis.decoded import DecodedSplit, EditJudges, decode_split
 from olr_ray.analysis.judge import independent_judge
 from olr_ray.analysis.report import measurement_section, run_section, write_report
 from olr_ray.data import synthetic
@@ -230,15 +230,13 @@ def _reconstruction(c: _Context, decoder, dec: DecodedSplit) -> tuple[dict[str, 
     }, recall
 
 
-def _editing(c: _Context, decoder, actor, probe: dict[str, Any], recall: np.ndarray, independent: bool
-             ) -> dict[str, Any]:
+def _editing(c: _Context, decoder, judges: EditJudges, probe: dict[str, Any], recall: np.ndarray,
+             independent: bool) -> dict[str, Any]:
     """Per-label Gaussians, then every label added and removed on the first test faces, judged on the decoded faces.
 
-    ``actor``: an :class:`olr_ray.analysis.decoded.EditJudge` that decodes and judges every edit (on the job's
-    GPU when it has one); ``decoder`` draws the figures here.
+    ``judges``: the actors that decode and judge every edit (on the job's GPUs when it has them); ``decoder``
+    draws the figures here.
     """
-    import ray
-
     run, cfg, seed = c.run, c.run.cfg.analysis, c.run.cfg.seed
     g = M.fit_label_gaussians(c.train.E, c.train.labels)
     np.savez(c.fig("gaussians.npz"), mean=g["mean"], cov=g["cov"], count=g["count"], label_names=np.array(c.names))
@@ -253,16 +251,16 @@ def _editing(c: _Context, decoder, actor, probe: dict[str, Any], recall: np.ndar
     # On synthetic runs a third: the independent judge, trained on faces whose attributes are independent.
     keys = [editing.CLASSIFIER, editing.REEMBEDDED] + ([editing.INDEPENDENT] if independent else [])
 
-    def judge(E: np.ndarray) -> tuple[np.ndarray, ...]:
-        probs, reembedded, *rest = ray.get(actor.judge.remote(E))
-        return (probs, M.probe_predict(probe, reembedded), *rest)
+    def judge(batches: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, ...]]:
+        for probs, reembedded, *rest in judges.map("judge", batches):
+            yield (probs, M.probe_predict(probe, reembedded), *rest)
 
     # On synthetic data, exact one-attribute edits judged the same way, drawn beside the decoded adds; the
     # faces where they draw something are where the decoded edits are also counted (the *_drawn keys).
     uids = c.test.uids[:n_edit]
     originals = split_images(run, c.split, uids)
     prefixes = [editing.CLASSIFIER[0]] + ([editing.INDEPENDENT[0]] if independent else [])
-    read = lambda images: dict(zip(prefixes, ray.get(actor.classify.remote(images))))  # noqa: E731
+    read = lambda batches: (dict(zip(prefixes, r)) for r in judges.map("classify", batches))  # noqa: E731
     exact, drawn_on = (editing.exact_edits(read, c.names, uids, originals, seed, c.size)
                        if run.data.get("kind") == "synthetic" else ({}, None))
     out, add_by_label, rem_by_label = editing.edit_success(judge, E0, g, c.names, cfg.edit_scales, seed, keys,
@@ -341,7 +339,7 @@ def _publish(c: _Context, decoder_out: int | None) -> list[str]:
 def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
     """The analysis. What sits in this process is the embeddings (N x L x k float32 for every split: about 1 GB
     for CelebA with k=32, and a copy of the train split's) and per-image numbers; the split's images are decoded and judged by Ray Data actors
-    (:func:`decode_split`), the edits by one actor (:class:`EditJudge`), each on a GPU share when the job has
+    (:func:`decode_split`), the edits by a pool of actors (:class:`EditJudges`), each on a GPU share when the job has
     GPUs, and only the faces the figures show are read here."""
     check(run)  # run_pipeline checked already; a direct call too
     torch.set_num_threads(max(1, int(os.cpu_count() or 1)))
@@ -394,14 +392,12 @@ def _analyse(c: _Context, emb: Embeddings, plan: ResourcePlan) -> dict[str, Any]
         c.figs["Decoder training"] = P.plot_training_curves(_curves(dstate.get("history", [])),
                                                             c.fig("decoder_curves.png"))
         with c.timed("editing"):
-            actor = edit_judge(plan, precision, decoder=ckpt["decoder"], classifier=ckpt["classifier"],
-                               siamese=ckpt["siamese"], others=[judge_bytes] if judge_bytes else [], size=c.size)
+            judges = EditJudges(plan, precision, decoder=ckpt["decoder"], classifier=ckpt["classifier"],
+                                siamese=ckpt["siamese"], others=[judge_bytes] if judge_bytes else [], size=c.size)
             try:
-                out.update(_editing(c, decoder, actor, probe, recall, judge_bytes is not None))
+                out.update(_editing(c, decoder, judges, probe, recall, judge_bytes is not None))
             finally:
-                import ray
-
-                ray.kill(actor)
+                judges.close()
     clf_state = checkpoint_state(ckpt["classifier"])  # for its training curves
     siamese, siamese_state = load_for_inference(ckpt["siamese"], here)
     if run.data.get("kind") == "synthetic" and run.cfg.analysis.disentangle_faces > 0:
