@@ -61,5 +61,7 @@ def test_decoded_edits_counted_on_the_drawn_faces() -> None:
         assert out["editing.add_success_drawn_per_label"] == {f"l{i}": pytest.approx(expected) for i in range(L)}
         assert out["editing.add_success_by_scale"] == {"1.0": pytest.approx(0.5)}
         assert out["editing.add_success_drawn_by_scale"] == {"1.0": pytest.approx(expected)}
+        # Each edit touches its own block alone, and this judge reads each label from its own block.
+        assert out["editing.others_preserved_changed_by_scale"] == {"1.0": pytest.approx(1.0)}
     out, _, _ = editing.edit_success(judge, E0, g, ["a", "b", "c"], [1.0], 0, keys=[editing.CLASSIFIER])
     assert "editing.add_success_drawn" not in out

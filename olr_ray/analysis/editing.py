@@ -81,7 +81,9 @@ def edit_success(judge: Callable[[Iterable[np.ndarray]], Iterator[tuple[np.ndarr
     synthetic runs, the independent judge's (``editing.independent.*``). With ``drawn_on`` (synthetic runs:
     mode -> (N, L) bool, where the exact edit draws on the face, from :func:`exact_edits`), the add (s=1) and
     remove verdicts are also counted over those faces alone (``*_drawn`` keys), the faces where the exact edit
-    is counted. Returns the metrics and the per-label add (s=1) and remove success of the first judge.
+    is counted. Per scale, the adds' success and what they keep of the other labels (``*_by_scale``: over the
+    adds that changed their target). Returns the metrics and the per-label add (s=1) and remove success of the
+    first judge.
     """
     n = len(keys)
     add, rem, keep, keep_changed = ({j: [] for j in range(n)} for _ in range(4))
@@ -91,6 +93,9 @@ def edit_success(judge: Callable[[Iterable[np.ndarray]], Iterator[tuple[np.ndarr
     # Add success at every scale, per judge: over every eligible face, and over the drawn ones.
     by_scale = {j: {s: [] for s in scales} for j in range(n)}
     by_scale_d = {j: {s: [] for s in scales} for j in range(n)}
+    # And what the adds at each scale keep of the other labels (over the edits that changed their target).
+    kept_by_scale = {j: {s: [] for s in scales} for j in range(n)}
+    kept_by_scale_d = {j: {s: [] for s in scales} for j in range(n)}
 
     def collect(r: list[dict[str, float]], into: dict[int, list[float]], kept: dict[int, list[float]] | None,
                 kept_changed: dict[int, list[float]]) -> None:
@@ -114,9 +119,11 @@ def edit_success(judge: Callable[[Iterable[np.ndarray]], Iterator[tuple[np.ndarr
         rd = None if rows is None else [_on(rows, base[j], after[j], l, mode) for j in range(n)]
         if mode == "add":
             for j in range(n):
-                for into, rr in ((by_scale, r), (by_scale_d, rd)):
+                for into, kept_into, rr in ((by_scale, kept_by_scale, r), (by_scale_d, kept_by_scale_d, rd)):
                     if rr is not None and not np.isnan(rr[j]["target_success"]):
                         into[j][s].append(rr[j]["target_success"])
+                    if rr is not None:
+                        kept_into[j][s].append(rr[j]["others_preserved_changed"])
             if s == 1.0:
                 add_by_label[:, l] = [v["target_success"] for v in r]
                 collect(r, add, keep, keep_changed)
@@ -148,8 +155,12 @@ def edit_success(judge: Callable[[Iterable[np.ndarray]], Iterator[tuple[np.ndarr
                 out[f"{prefix}add_success_drawn_per_label"] = {
                     nm: float(v) for nm, v in zip(names, add_by_label_d[j])}
         out[f"{prefix}add_success_by_scale{suffix}"] = {str(s): mean(v) for s, v in by_scale[j].items()}
+        out[f"{prefix}others_preserved_changed_by_scale{suffix}"] = {
+            str(s): kept(v) for s, v in kept_by_scale[j].items()}
         if drawn_on is not None:
             out[f"{prefix}add_success_drawn_by_scale{suffix}"] = {str(s): mean(v) for s, v in by_scale_d[j].items()}
+            out[f"{prefix}others_preserved_changed_drawn_by_scale{suffix}"] = {
+                str(s): kept(v) for s, v in kept_by_scale_d[j].items()}
     return out, add_by_label[0], rem_by_label[0]
 
 
