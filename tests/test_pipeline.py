@@ -107,6 +107,12 @@ def test_metrics_json_has_every_key(smoke):
     for key in ("editing.independent.add_success_drawn", "editing.independent.exact_add_success_drawn",
                 "editing.independent.remove_success_drawn", "editing.add_success_drawn"):
         assert 0 <= metrics[key] <= 1 or math.isnan(metrics[key]), key
+    # Per add scale, what the adds keep of the other labels beside their success, for every judge.
+    scales = {str(s) for s in smoke.cfg.analysis.edit_scales}
+    for key in ("editing.others_preserved_changed_by_scale", "editing.independent.others_preserved_changed_by_scale",
+                "editing.independent.others_preserved_changed_drawn_by_scale",
+                "editing.others_preserved_changed_by_scale_reembedded"):
+        assert set(metrics[key]) == scales, key
     assert metrics["judge.independent.cached"] is False
     assert len(os.listdir(os.path.join(os.path.dirname(smoke.uri), "_judges"))) == 1
 
