@@ -165,8 +165,8 @@ def edit_success(judge: Callable[[Iterable[np.ndarray]], Iterator[tuple[np.ndarr
 
 
 def exact_edits(judge: Callable[[Iterable[np.ndarray]], Iterator[dict[str, np.ndarray]]], names: list[str],
-                uids: np.ndarray,
-                stored: np.ndarray, seed: int, size: int) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+                uids: np.ndarray, stored: np.ndarray, seed: int, size: int
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """Editing success when decoding loses nothing, on the synthetic faces.
 
     The generator redraws the same test faces the edits use with only the edited attribute set
