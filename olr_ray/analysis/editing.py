@@ -120,10 +120,11 @@ def edit_success(judge: Callable[[Iterable[np.ndarray]], Iterator[tuple[np.ndarr
         if mode == "add":
             for j in range(n):
                 for into, kept_into, rr in ((by_scale, kept_by_scale, r), (by_scale_d, kept_by_scale_d, rd)):
-                    if rr is not None and not np.isnan(rr[j]["target_success"]):
+                    if rr is None:
+                        continue
+                    if not np.isnan(rr[j]["target_success"]):
                         into[j][s].append(rr[j]["target_success"])
-                    if rr is not None:
-                        kept_into[j][s].append(rr[j]["others_preserved_changed"])
+                    kept_into[j][s].append(rr[j]["others_preserved_changed"])
             if s == 1.0:
                 add_by_label[:, l] = [v["target_success"] for v in r]
                 collect(r, add, keep, keep_changed)
