@@ -97,7 +97,7 @@ class ClassifierConfig:
     lr: float = 2e-3
     """AdamW learning rate."""
     lr_schedule: Literal["constant", "cosine"] = "cosine"
-    """Per-epoch learning rate: constant, or cosine decay to 0."""
+    """Per-epoch learning rate: constant (the paper's), or cosine decay to 0 (docs/defaults.md)."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     width: int = 32
@@ -337,7 +337,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "analysis": {"probe_epochs": 50, "edit_images": 16, "disentangle_faces": 32, "judge_images": 512,
                      "judge_epochs": 1},
     },
-    # The default: synthetic 64x64, 20,000 images, about 12 minutes on 2 cores with bf16 (docs/speed.md).
+    # The default: synthetic 64x64, 20,000 images, about 16 minutes on 2 cores with bf16, 30 in float32 (README).
     "demo": {},
     # The paper's method exactly on CelebA (PAPER_METHOD over CELEBA_SCALE).
     "paper": {},
