@@ -65,3 +65,33 @@ def test_decoded_edits_counted_on_the_drawn_faces() -> None:
         assert out["editing.others_preserved_changed_by_scale"] == {"1.0": pytest.approx(1.0)}
     out, _, _ = editing.edit_success(judge, E0, g, ["a", "b", "c"], [1.0], 0, keys=[editing.CLASSIFIER])
     assert "editing.add_success_drawn" not in out
+
+
+def test_edits_are_decoded_only_where_a_judge_can_count_them() -> None:
+    rng = np.random.default_rng(1)
+    n, L, k = 30, 3, 4
+    E0 = 0.01 * rng.standard_normal((n, L, k)).astype(np.float32)
+    E0[:10, 0] += 5.0  # label 0 present on the first 10 faces
+    train = rng.standard_normal((200, L, k)).astype(np.float32) + 3.0
+    g = M.fit_label_gaussians(train, np.ones((200, L), np.int8))
+    sizes = []
+
+    def reads(E):  # a face-local judge: a label is seen where its block is large
+        return (np.linalg.norm(E, axis=2) > 1.0).astype(float)
+
+    def judge(batches):
+        for E in batches:
+            sizes.append(len(E))
+            yield reads(E), reads(E)
+
+    keys = [editing.CLASSIFIER, editing.INDEPENDENT]
+    out, _, _ = editing.edit_success(judge, E0, g, ["a", "b", "c"], [1.0], 0, keys=keys)
+    # The base, then: add a on its 20 unseen faces, remove a on its 10; add b and c on all 30; nothing to remove.
+    assert sizes == [n, 20, 10, n, n]
+    # The same numbers as judging every face of every edit.
+    base = reads(E0)
+    full = [M.editing_success(base, reads(M.edit_embeddings(E0, l, "add", g, seed=l)), l, "add") for l in range(L)]
+    assert out["editing.add_success"] == pytest.approx(np.mean([r["target_success"] for r in full]))
+    assert out["editing.independent.remove_success"] == pytest.approx(1.0)
+    assert out["editing.others_preserved_changed"] == pytest.approx(
+        np.mean([r["others_preserved_changed"] for r in full]))

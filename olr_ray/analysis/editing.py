@@ -3,7 +3,6 @@ synthetic faces, exact one-attribute edits and block disentanglement."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -54,6 +53,8 @@ CLASSIFIER, REEMBEDDED, INDEPENDENT = ("editing.", ""), ("editing.", "_reembedde
 # hides (earrings under long hair, lipstick under a beard), draws nothing: no judge can see such an edit.
 DRAWN_LEVEL = 24
 DRAWN_SHARE = 8 / 64**2
+# A judge sees a label where its probability is at least this (M.editing_success's default).
+THRESHOLD = 0.5
 
 
 def drawn(before: np.ndarray, after: np.ndarray) -> np.ndarray:
@@ -82,7 +83,9 @@ def edit_success(judge: Callable[[Iterable[np.ndarray]], Iterator[tuple[np.ndarr
     mode -> (N, L) bool, where the exact edit draws on the face, from :func:`exact_edits`), the add (s=1) and
     remove verdicts are also counted over those faces alone (``*_drawn`` keys), the faces where the exact edit
     is counted. Per scale, the adds' success and what they keep of the other labels (``*_by_scale``: over the
-    adds that changed their target). Returns the metrics and the per-label add (s=1) and remove success of the
+    adds that changed their target). An edit is decoded only on the faces some judge can count it on;
+    ``others_preserved`` is over those faces (``others_preserved_changed`` over the edits that changed their
+    target). Returns the metrics and the per-label add (s=1) and remove success of the
     first judge.
     """
     n = len(keys)
@@ -106,17 +109,28 @@ def edit_success(judge: Callable[[Iterable[np.ndarray]], Iterator[tuple[np.ndarr
                 kept[j].append(r[j]["others_preserved"])
             kept_changed[j].append(r[j]["others_preserved_changed"])
 
-    # Every edit, in order: each label added at every scale, then removed.
-    edits = [(l, mode, s) for l in map(int, np.flatnonzero(~g["empty"]))
+    base = next(iter(judge([E0])))
+    seen = np.stack([b >= THRESHOLD for b in base])  # (judges, N, L)
+    # Every edit, in order: each label added at every scale, then removed. Each is decoded only on the faces some
+    # judge can count it on (add: a judge does not see the label; remove: one does), the only faces any key
+    # but others_preserved reads: about a third fewer decodes than every face for every edit.
+    edits = [(l, mode, s, np.flatnonzero(~seen[:, :, l].all(0) if mode == "add" else seen[:, :, l].any(0)))
+             for l in map(int, np.flatnonzero(~g["empty"]))
              for mode, s in [*(("add", s) for s in scales), ("remove", None)]]
-    readings = judge(itertools.chain([E0], (
-        M.edit_embeddings(E0, l, "remove", g) if mode == "remove" else
-        M.edit_embeddings(E0, l, "add", g, scale=s, seed=seed + l) for l, mode, s in edits)))
-    base = next(readings)
-    for (l, mode, s), after in zip(edits, readings):
-        rows = None if drawn_on is None else drawn_on[mode][:, l]
-        r = [M.editing_success(base[j], after[j], l, mode) for j in range(n)]
-        rd = None if rows is None else [_on(rows, base[j], after[j], l, mode) for j in range(n)]
+    readings = judge(
+        (M.edit_embeddings(E0, l, "remove", g) if mode == "remove" else
+         M.edit_embeddings(E0, l, "add", g, scale=s, seed=seed + l))[rows]  # each face keeps its own sample
+        for l, mode, s, rows in edits if len(rows))
+    nothing = {"target_success": float("nan"), "others_preserved": float("nan"),
+               "others_preserved_changed": float("nan")}
+    for l, mode, s, rows in edits:
+        if not len(rows):
+            r, rd = [nothing] * n, (None if drawn_on is None else [nothing] * n)
+        else:
+            after = next(readings)
+            r = [M.editing_success(base[j][rows], after[j], l, mode) for j in range(n)]
+            d = None if drawn_on is None else drawn_on[mode][rows, l]
+            rd = None if d is None else [_on(d, base[j][rows], after[j], l, mode) for j in range(n)]
         if mode == "add":
             for j in range(n):
                 for into, kept_into, rr in ((by_scale, kept_by_scale, r), (by_scale_d, kept_by_scale_d, rd)):

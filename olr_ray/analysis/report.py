@@ -265,7 +265,9 @@ def measurement_section(edit_images: int, size: int, decoder_out: int | None, sy
             f"decoded face resized (bilinear) to {size}x{size} and stored as uint8, at 0.5. *Add* counts the "
             "(face, label) pairs where it does not see the label on the unedited reconstruction and sees it "
             "after the edit (s=1); *remove* the pairs where it sees the label before and not after; *others "
-            "preserved* the other labels of each edited face that it reads as on the unedited reconstruction. "
+            "preserved* the other labels of each edited face that it reads as on the unedited reconstruction "
+            "(`others_preserved`: over the faces some judge could count the edit on, the only faces an edit is "
+            "decoded for; `others_preserved_changed`: over the edits that changed their target). "
             "Eligibility follows the classifier's reading, not the ground truth, because the edit acts on "
             "the decoded face. The `_reembedded` keys judge the same faces by the Siamese network and the "
             "linear probe instead.",
