@@ -53,8 +53,6 @@ CLASSIFIER, REEMBEDDED, INDEPENDENT = ("editing.", ""), ("editing.", "_reembedde
 # hides (earrings under long hair, lipstick under a beard), draws nothing: no judge can see such an edit.
 DRAWN_LEVEL = 24
 DRAWN_SHARE = 8 / 64**2
-# A judge sees a label where its probability is at least this (M.editing_success's default).
-THRESHOLD = 0.5
 
 
 def drawn(before: np.ndarray, after: np.ndarray) -> np.ndarray:
@@ -110,7 +108,7 @@ def edit_success(judge: Callable[[Iterable[np.ndarray]], Iterator[tuple[np.ndarr
             kept_changed[j].append(r[j]["others_preserved_changed"])
 
     base = next(iter(judge([E0])))
-    seen = np.stack([b >= THRESHOLD for b in base])  # (judges, N, L)
+    seen = np.stack([b >= M.EDIT_THRESHOLD for b in base])  # (judges, N, L), as M.editing_success reads them
     # Every edit, in order: each label added at every scale, then removed. Each is decoded only on the faces some
     # judge can count it on (add: a judge does not see the label; remove: one does), the only faces any key
     # but others_preserved reads: about a third fewer decodes than every face for every edit.

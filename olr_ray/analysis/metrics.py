@@ -509,12 +509,16 @@ def edit_embeddings(
     return out
 
 
+# Where a judge of editing sees a label: its probability at least this.
+EDIT_THRESHOLD = 0.5
+
+
 def editing_success(
     probs_before: np.ndarray,
     probs_after: np.ndarray,
     label_index: int,
     mode: str,
-    threshold: float = 0.5,
+    threshold: float = EDIT_THRESHOLD,
 ) -> dict[str, float]:
     """How well an edit did what it asked, judged by a classifier's predictions.
 
