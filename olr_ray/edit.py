@@ -49,8 +49,8 @@ def label_gaussians(run: TrainedRun, es: EmbeddingSet) -> dict[str, np.ndarray]:
         g = dict(np.load(io.BytesIO(storage.read_bytes(path))))
         g["empty"] = g["count"] == 0
         return g
-    train = es.to_numpy(["labels", "embedding"], split="train")
-    return M.fit_label_gaussians(train.E, train.labels)
+    train = es.to_numpy(["labels", "embedding", "probs"], split="train")
+    return M.fit_label_gaussians(train.E, M.gaussian_images(train.labels, train.probs, run.cfg.analysis.edit_gaussians))
 
 
 def _check_labels(names: list[str], labels: list[str], option: str) -> None:

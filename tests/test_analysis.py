@@ -166,6 +166,36 @@ def test_fit_label_gaussians_single_positive_is_pd() -> None:
     np.linalg.cholesky(g["cov"][0])
 
 
+def test_confirmed_gaussians_leave_out_labels_the_classifier_does_not_see() -> None:
+    """A noted label whose block is empty (annotation noise) shrinks the labelled mean; the confirmed one
+    is fitted on the images the classifier also calls, and a label nobody confirms keeps its labelled images."""
+    rng = np.random.default_rng(0)
+    n, k = 4000, 4
+    labels = np.zeros((n, 2), np.int8)
+    labels[:1000] = 1
+    seen = np.zeros(n, bool)
+    seen[:600] = True  # 400 of the 1000 labelled images do not show label 0
+    E = np.zeros((n, 2, k), np.float32)
+    E[:600, 0] = 1.0 + 0.1 * rng.standard_normal((600, k))
+    probs = np.full((n, 2), 0.1, np.float32)
+    probs[seen, 0] = 0.9  # the classifier sees label 0 where it is drawn, label 1 nowhere
+    labelled = M.gaussian_images(labels, probs, "labelled")
+    confirmed = M.gaussian_images(labels, probs, "confirmed")
+    np.testing.assert_array_equal(labelled, labels == 1)
+    np.testing.assert_array_equal(confirmed[:, 0], seen)
+    np.testing.assert_array_equal(confirmed[:, 1], labels[:, 1] == 1)  # fallback: nobody confirms label 1
+    g_lab, g_conf = M.fit_label_gaussians(E, labelled), M.fit_label_gaussians(E, confirmed)
+    np.testing.assert_allclose(g_lab["mean"][0], 0.6, atol=0.02)
+    np.testing.assert_allclose(g_conf["mean"][0], 1.0, atol=0.02)
+    assert g_conf["count"].tolist() == [600, 1000]
+    with pytest.raises(ValueError, match="probs"):
+        M.gaussian_images(labels, None, "confirmed")
+    with pytest.raises(ValueError, match="shape"):
+        M.gaussian_images(labels, probs[:10], "confirmed")
+    with pytest.raises(ValueError, match="rule"):
+        M.gaussian_images(labels, probs, "seen")
+
+
 def test_edit_embeddings_touches_only_target_block() -> None:
     rng = np.random.default_rng(0)
     E = rng.standard_normal((50, 4, 3)).astype(np.float32)

@@ -29,6 +29,7 @@ def test_paper_preset_is_the_papers_method():
     assert d.lr == 1e-4 and d.optimizer == "rmsprop" and d.lr_schedule == "constant" and d.alpha == 0.5
     assert d.edit_weight == 0.0 and d.label_weight == 0.0
     assert cfg.data.image_size == 178 and cfg.analysis.pca_label == "Mouth_Slightly_Open"
+    assert cfg.analysis.edit_gaussians == "labelled"
     # 4: a random 95/5 split, CelebA's partition file unused, no validation split
     assert cfg.data.partition_file is False and (cfg.data.test_fraction, cfg.data.valid_fraction) == (0.05, 0.0)
 

@@ -91,6 +91,13 @@ def test_metrics_json_has_every_key(smoke):
     assert set(metrics["correlation.paper_pairs"]) == {"Male~Heavy_Makeup", "Attractive~Wearing_Lipstick"}
     assert metrics["correlation.paper_pairs"]["Male~Heavy_Makeup"]["labels"] < 0  # no makeup on men in the data
     assert 0 <= metrics["editing.others_preserved_changed"] <= 1 or math.isnan(metrics["editing.others_preserved_changed"])
+    # The editing Gaussians: fitted on the train images the classifier confirms, never more than have the label.
+    g = np.load(os.path.join(smoke.uri, "analysis", "gaussians.npz"))
+    assert metrics["editing.gaussians"] == str(g["rule"]) == "confirmed"
+    train = load_embeddings(os.path.join(smoke.uri, "embeddings"), columns=["labels"], split="train").labels
+    counts = metrics["editing.gaussian_images_per_label"]
+    assert list(counts) == smoke.stage("data")["label_names"] and list(counts.values()) == g["count"].tolist()
+    assert all(0 < c <= n or c == n == 0 for c, n in zip(counts.values(), (train == 1).sum(0).tolist()))
     # Synthetic runs also judge exact edits (the face redrawn with the label set), per label.
     for key in ("editing.exact_add_success", "editing.exact_remove_success", "editing.exact_others_preserved"):
         assert 0 <= metrics[key] <= 1, key

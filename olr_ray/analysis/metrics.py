@@ -33,6 +33,7 @@ __all__ = [
     "offdiag_agreement",
     "label_pca",
     "fit_label_gaussians",
+    "gaussian_images",
     "edit_embeddings",
     "editing_success",
     "own_block_fraction",
@@ -425,6 +426,30 @@ def first_component_auc(projection: np.ndarray, y: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------
 # 4.5 Editing: per-label Gaussians, edits and their success
 # --------------------------------------------------------------------------------------------
+
+
+def gaussian_images(labels: np.ndarray, probs: np.ndarray | None, rule: str) -> np.ndarray:
+    """(N, L) bool: the images each label's editing Gaussian is fitted on.
+
+    ``labelled``: every image with the label (the paper, eqs. 4-5). ``confirmed``: those the classifier also
+    gives the label (probability >= 0.5), so that labels noted but not visible (annotation noise, a hat over
+    the hair) do not pull the label's mean towards an empty block. A label no image confirms keeps every
+    labelled image, so it can still be added.
+    """
+    y = np.asarray(labels) == 1
+    if rule == "labelled":
+        return y
+    if rule != "confirmed":
+        raise ValueError(f"rule: expected 'labelled' or 'confirmed', got {rule!r}")
+    if probs is None:
+        raise ValueError("rule 'confirmed' needs the classifier's probabilities (the embeddings' probs column)")
+    probs = np.asarray(probs)
+    if probs.shape != y.shape:
+        raise ValueError(f"probs must have shape {y.shape} to match labels, got {probs.shape}")
+    confirmed = y & (probs >= 0.5)
+    none = ~confirmed.any(axis=0)
+    confirmed[:, none] = y[:, none]
+    return confirmed
 
 
 def fit_label_gaussians(E: np.ndarray, labels: np.ndarray, ridge: float = 1e-5) -> dict[str, np.ndarray]:

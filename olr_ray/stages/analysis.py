@@ -238,8 +238,9 @@ def _editing(c: _Context, decoder, judges: EditJudges, probe: dict[str, Any], re
     draws the figures here.
     """
     run, cfg, seed = c.run, c.run.cfg.analysis, c.run.cfg.seed
-    g = M.fit_label_gaussians(c.train.E, c.train.labels)
-    np.savez(c.fig("gaussians.npz"), mean=g["mean"], cov=g["cov"], count=g["count"], label_names=np.array(c.names))
+    g = M.fit_label_gaussians(c.train.E, M.gaussian_images(c.train.labels, c.train.probs, cfg.edit_gaussians))
+    np.savez(c.fig("gaussians.npz"), mean=g["mean"], cov=g["cov"], count=g["count"], label_names=np.array(c.names),
+             rule=np.array(cfg.edit_gaussians))
     n_edit = min(cfg.edit_images, len(c.test))
     E0 = c.test.E[:n_edit]
     # Two judges of every edit: the classifier (the paper's judge, and the metric's), and the
@@ -266,6 +267,8 @@ def _editing(c: _Context, decoder, judges: EditJudges, probe: dict[str, Any], re
     out, add_by_label, rem_by_label = editing.edit_success(judge, E0, g, c.names, cfg.edit_scales, seed, keys,
                                                            drawn_on=drawn_on)
     out.update(exact)
+    out["editing.gaussians"] = cfg.edit_gaussians
+    out["editing.gaussian_images_per_label"] = dict(zip(c.names, g["count"].tolist()))
     d = run.cfg.decoder
     out["editing.decoder_trained_through"] = ", ".join(
         name for name, w in (("siamese (flatters the _reembedded judge)", d.edit_weight),

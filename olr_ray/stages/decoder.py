@@ -68,8 +68,9 @@ def embedding_image_pairs(run: Run, plan: ResourcePlan, split: str, limit: int |
 
 
 def edit_distributions(train: Embeddings) -> tuple[np.ndarray, np.ndarray]:
-    """Per-label Gaussians of the training embeddings, as the analysis fits them for editing:
-    (L, k) means and (L, k, k) Cholesky factors, zeros for a label no training image has."""
+    """Per-label Gaussians of the training embeddings over every image with the label (the paper's rule;
+    the analysis may fit its own on the confirmed images only, ``analysis.edit_gaussians``): (L, k) means and
+    (L, k, k) Cholesky factors, zeros for a label no training image has."""
     g = fit_label_gaussians(train.E, train.labels)
     chol = np.zeros_like(g["cov"])
     for l in np.flatnonzero(~g["empty"]):
