@@ -205,8 +205,8 @@ class EmbedConfig:
 class DecoderConfig:
     """Reconstruction model after the paper's Table 1, trained on the embeddings."""
 
-    epochs: int = 6
-    """Passes over the training embeddings (docs/defaults.md: 6 against 4 and 2 on the demo, two seeds each)."""
+    epochs: int = 8
+    """Passes over the training embeddings (docs/defaults.md: 8 against 6, 4 and 2 on the demo, two seeds each)."""
     batch_size: int = 32
     """Embeddings per step per worker (2 workers of 32 take the steps one process of 64 would)."""
     lr: float = 1e-3
@@ -230,13 +230,18 @@ class DecoderConfig:
     label pattern, so a cue whose look varies (a hat of any colour) averages away and its block is
     barely read. The Siamese network is then no longer an independent judge of editing
     (``editing.*_reembedded``); the classifier still is. About 1.8x the decoder's time (docs/defaults.md)."""
+    edit_warmup: float = 1.0
+    """Epochs over which the edit term's weight rises linearly from 0 to ``edit_weight`` (0: the full weight from
+    the first step): the decoder learns faces before the term pulls on them, a guard against a decoder that
+    learns a texture the Siamese network reads instead (docs/defaults.md)."""
     width: int = 128
     """Channels of the reshaped dense output (paper: 6x6x512 at 178)."""
     channels: int = 32
     """Channels of the conv stack (paper: 64; the first ConvTranspose has twice this)."""
 
     def validate(self, p: list[str], pre: str = "decoder") -> None:
-        _at_least(p, pre, self, epochs=1, batch_size=2, label_weight=0, edit_weight=0, width=8, channels=4)
+        _at_least(p, pre, self, epochs=1, batch_size=2, label_weight=0, edit_weight=0, edit_warmup=0, width=8,
+                  channels=4)
         _positive(p, pre, self, "lr")
         _check(p, 0 <= self.alpha <= 1, f"{pre}.alpha", f"expected 0..1, got {self.alpha!r}")
 
@@ -343,7 +348,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "analysis": {"probe_epochs": 50, "edit_images": 16, "disentangle_faces": 32, "judge_images": 512,
                      "judge_epochs": 1},
     },
-    # The default: synthetic 64x64, 20,000 images, about 20 minutes on 2 cores with bf16, 40 in float32 (README).
+    # The default: synthetic 64x64, 20,000 images, about 25 minutes on 2 cores with bf16, 45 in float32 (README).
     "demo": {},
     # The paper's method exactly on CelebA (PAPER_METHOD over CELEBA_SCALE).
     "paper": {},

@@ -235,6 +235,30 @@ def test_decoder_edit_term_is_siamese_reembedding_mse_and_trains_only_the_decode
     assert not sia.training and all(p.grad is None and not p.requires_grad for p in sia.parameters())
 
 
+def test_decoder_edit_warmup_ramps_the_edit_term_over_its_epochs_and_survives_a_resume(tmp_path):
+    # 2 workers of 4 rows over 40 rows: 5 steps an epoch; a 2-epoch warm-up reaches the full weight at step 10.
+    task = _edit_task(tmp_path, edit_weight=3.0, edit_warmup=2.0, train_rows=40)
+    shares = []
+    for epoch in range(3):
+        task.begin_epoch(epoch, world=2)
+        shares += [task.edit_ramp() for _ in range(5)]
+    assert shares[:10] == pytest.approx([i / 10 for i in range(1, 11)]) and shares[10:] == [1.0] * 5
+    resumed = _edit_task(tmp_path, edit_weight=3.0, edit_warmup=2.0, train_rows=40)
+    resumed.begin_epoch(1, world=2)  # a worker restarted from epoch 1's checkpoint picks up the ramp there
+    assert resumed.edit_ramp() == pytest.approx(0.6)
+    # The share scales the edit term of the training loss; 0 warm-up epochs give the full weight at once.
+    model, batch = task.build_model(), {"embedding": torch.rand(4, L, K),
+                                        "image": torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)}
+    losses = []
+    for share in (0.0, 0.5, 1.0):
+        torch.manual_seed(5)
+        losses.append(float(task._losses(model, batch, edit_share=share)[0].detach()))
+    assert losses[0] < losses[1] < losses[2] and losses[2] - losses[1] == pytest.approx(losses[1] - losses[0], rel=1e-3)
+    plain = _edit_task(tmp_path, edit_weight=3.0, train_rows=40)
+    plain.begin_epoch(0, world=2)
+    assert plain.edit_ramp() == 1.0
+
+
 def test_decoder_validation_draws_the_same_edits_every_epoch(tmp_path):
     # val_loss carries the edit term; with fresh random edits at each validation it would move between
     # epochs even for an unchanged model, and the curve could not be read.

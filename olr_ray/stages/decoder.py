@@ -85,8 +85,9 @@ def run(run: Run, plan: ResourcePlan) -> dict[str, Any]:
                         width=d.width, channels=d.channels),
         optimizer=d.optimizer, alpha=d.alpha, label_weight=d.label_weight,
         classifier_uri=run.stage("classifier")["checkpoint"], edit_weight=d.edit_weight,
-        siamese_uri=run.stage("siamese")["checkpoint"], **task_args(run, plan, NAME))
+        siamese_uri=run.stage("siamese")["checkpoint"], edit_warmup=d.edit_warmup, **task_args(run, plan, NAME))
     train = split_embeddings(run, "train")  # read once: for the edit Gaussians and the training pairs
+    task.train_rows = len(train)
     if d.edit_weight > 0:
         task.edit_mean, task.edit_chol = edit_distributions(train)
     # Paired once and kept in the object store where that takes at most its cache share (pairing every epoch

@@ -124,6 +124,7 @@ def train_func(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, task.epochs):
         t0 = time.time()
         model.train()
+        task.begin_epoch(epoch, world)
         shard = ray.train.get_dataset_shard(task.train_dataset(epoch))
         total, count, wait = 0.0, 0, 0.0
         batches = iter(shard.iter_torch_batches(batch_size=task.batch_size, drop_last=True,

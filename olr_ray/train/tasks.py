@@ -42,6 +42,9 @@ class BaseTask:
     precision: str = "auto"
     """``auto``, ``bf16`` or ``fp32``; the training loop resolves it on the worker's device."""
 
+    def begin_epoch(self, epoch: int, world: int) -> None:
+        """Called by the training loop before each training epoch (0-based) with the number of workers."""
+
     def build_model(self) -> torch.nn.Module:
         return create_model(self.model_name, **self.model_args)
 
@@ -198,7 +201,23 @@ class DecoderTask(BaseTask):
     """(L, k) per-label Gaussian means over the training images that have the label."""
     edit_chol: np.ndarray | None = None
     """(L, k, k) Cholesky factors of the per-label covariances (zeros for a label no image has)."""
+    edit_warmup: float = 0.0
+    """Epochs over which the edit term's weight rises linearly from 0 to ``edit_weight`` (0: full from the start)."""
+    train_rows: int = 0
+    """Rows of the training split: with the batch size and the workers, the steps of an epoch (the warm-up's clock)."""
     shuffle_buffer: int | None = 1024
+
+    def begin_epoch(self, epoch: int, world: int) -> None:
+        self._clock = [epoch, 0, max(1, self.train_rows // (world * self.batch_size))]  # epoch, step, steps/epoch
+
+    def edit_ramp(self) -> float:
+        """The share of ``edit_weight`` the current training step gives the edit term, counting the step."""
+        clock = self.__dict__.get("_clock")
+        if self.edit_warmup <= 0 or clock is None:
+            return 1.0
+        epoch, step, per_epoch = clock
+        clock[1] += 1
+        return min(1.0, (epoch + (step + 1) / per_epoch) / self.edit_warmup)
 
     def _frozen(self, uri: str, device) -> torch.nn.Module:
         """A frozen trained model (classifier or Siamese), loaded once per worker, off the optimizer."""
@@ -249,9 +268,10 @@ class DecoderTask(BaseTask):
         rec = Decoder.rescale(out)
         return F.mse_loss(self._frozen(self.siamese_uri, rec.device)(self.as_input(rec, image_size)), edited)
 
-    def _losses(self, model, batch, generator: torch.Generator | None = None
+    def _losses(self, model, batch, generator: torch.Generator | None = None, edit_share: float = 1.0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, SSIM, MSE, the decoded images minmax-scaled to [0, 1]); ``generator`` draws the edits."""
+        """(loss, SSIM, MSE, the decoded images minmax-scaled to [0, 1]); ``generator`` draws the edits, whose
+        term gets ``edit_share`` of ``edit_weight``."""
         from pytorch_msssim import ssim
 
         m = getattr(model, "module", model)
@@ -269,11 +289,11 @@ class DecoderTask(BaseTask):
             logits = self.label_logits(rec, m.image_size)
             loss = loss + self.label_weight * F.binary_cross_entropy_with_logits(logits, batch["labels"].float())
         if edited is not None:
-            loss = loss + self.edit_weight * self.edit_loss(edited, out_edited, m.image_size)
+            loss = loss + edit_share * self.edit_weight * self.edit_loss(edited, out_edited, m.image_size)
         return loss, s, mse, rec
 
     def loss(self, model, batch) -> torch.Tensor:
-        return self._losses(model, batch)[0]
+        return self._losses(model, batch, edit_share=self.edit_ramp())[0]
 
     def validate(self, model, device, final: bool) -> dict[str, Any]:
         from pytorch_msssim import ssim
