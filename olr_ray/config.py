@@ -205,8 +205,8 @@ class EmbedConfig:
 class DecoderConfig:
     """Reconstruction model after the paper's Table 1, trained on the embeddings."""
 
-    epochs: int = 8
-    """Passes over the training embeddings (docs/defaults.md: 8 against 6, 4 and 2 on the demo, two seeds each)."""
+    epochs: int = 10
+    """Passes over the training embeddings (docs/defaults.md: 10 against 8, 6, 4 and 2 on the demo, two seeds each)."""
     batch_size: int = 32
     """Embeddings per step per worker (2 workers of 32 take the steps one process of 64 would)."""
     lr: float = 1e-3
@@ -348,7 +348,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "analysis": {"probe_epochs": 50, "edit_images": 16, "disentangle_faces": 32, "judge_images": 512,
                      "judge_epochs": 1},
     },
-    # The default: synthetic 64x64, 20,000 images, about 25 minutes on 2 cores with bf16, 45 in float32 (README).
+    # The default: synthetic 64x64, 20,000 images, about 30 minutes on 2 cores with bf16, 55 in float32 (README).
     "demo": {},
     # The paper's method exactly on CelebA (PAPER_METHOD over CELEBA_SCALE).
     "paper": {},
