@@ -304,9 +304,9 @@ def _content_hash(uri: str) -> str:
 def test_embedding_survives_a_killed_actor(ray_local, tmp_path):
     import torch
 
-    from olr_ray.stages.embed import embed_dataset
     from olr_ray.models import create_model, save_checkpoint
     from olr_ray.runtime import plan_resources
+    from olr_ray.stages.embed import embed_dataset
 
     L, n = 8, 3000
     names = [f"l{i}" for i in range(L)]

@@ -503,7 +503,7 @@ class _Painter:
         hair = np.where(count > 0, mixed, _pick(_OTHER_HAIR, g["other_hair"]))
         self.hair = (hair * _lerp(g["hair_shade"], 0.9, 1.08)[:, None]).clip(0, 1).astype(f32)
         self.beard = (self.hair * 0.72).astype(f32)
-        st, wv = a["Straight_Hair"], a["Wavy_Hair"]
+        wv = a["Wavy_Hair"]
         col = lambda x: np.asarray(x, dtype=f32)[:, None, None]
         self.strand_freq = col(np.where(wv, 4.0, 7.0))
         self.strand_wave = col(np.where(wv, 0.7, 0.0))
