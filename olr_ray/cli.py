@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--version", action="version", version=f"olr_ray {olr_ray.__version__}")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config file, applied on top of the preset")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
-                   help="smoke: tiny, minutes on 2 CPUs (CI); demo: synthetic 64x64, 20k images, about 30 min "
-                        "on 2 CPUs with bf16, 55 in float32 (default); paper: the paper's method exactly, CelebA "
+                   help="smoke: tiny, minutes on 2 CPUs (CI); demo: synthetic 64x64, 20k images, about 35 min "
+                        "on 2 CPUs with bf16, 80 in float32 (default); paper: the paper's method exactly, CelebA "
                         "178x178, GPU workers; celeba: this project's recipe at the same scale")
     p.add_argument("--data", metavar="synthetic|PATH|s3://...",
                    help="image source: built-in synthetic faces or a CelebA-format folder (data.source)")
